@@ -1,0 +1,135 @@
+"""The model bundle: the contract between the workstation (export, quantize) and the device.
+
+A bundle is a directory: `manifest.json` + `audio_encoder.<precision>.onnx` + `llm-<type>.gguf` (+ an optional LoRA
+adapter GGUF). The manifest says everything the device needs, so nothing is hard-coded twice:
+
+    {
+      "format": "naturelm-edge-bundle", "format_version": 1,
+      "created": ISO 8601 UTC, "tools": {package: version},
+      "source": {"naturelm": {"sha256": ...}, "llama": {"sha256": ...}},
+      "audio": {  # written by `export`
+        "sample_rate", "clip_seconds", "fbank": FbankSpec dict, "frames", "mel_bins",
+        "embeddings_per_clip", "embedding_width", "input_name", "output_name",
+        "encoders": {precision: {"file", "verification": {...}}}
+      },
+      "llm": {  # written by `quantize`
+        "n_embd", "n_ctx", "prompt": PromptTemplate dict, "token_ids": {...},
+        "models": {type: {"file", "quality": {...}}}, "lora": {...}
+      },
+      "files": {name: {"sha256", "size"}}
+    }
+
+Each side writes its own section with `update_manifest`; the device opens a bundle with `load_bundle`, which refuses
+one whose manifest or any file's size or hash does not check out, naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge.errors import BundleError
+from edge.hashing import sha256_file
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "naturelm-edge-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def _read_manifest(bundle_dir: Path) -> dict:
+    path = Path(bundle_dir) / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{path}: bundle manifest not found")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{path}: not a naturelm-edge bundle manifest (format is not {FORMAT!r})")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{path}: bundle format_version {version!r}; this naturelm-edge reads version {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def update_manifest(bundle_dir: Path, section: str, data: dict, files: list[str] = (), tools: dict | None = None,
+                    source: dict | None = None) -> dict:
+    """Merge `data` into `manifest[section]`, record the size and sha256 of `files` (names relative to the bundle),
+    and write the manifest atomically (a crash leaves the previous manifest, never half of one)."""
+    bundle_dir = Path(bundle_dir)
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    path = bundle_dir / MANIFEST
+    if path.exists():
+        manifest = _read_manifest(bundle_dir)
+    else:
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "files": {}, "tools": {}, "source": {}}
+    manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    section_data = manifest.setdefault(section, {})
+    section_data.update(data)
+    for name in files:
+        f = bundle_dir / name
+        manifest["files"][name] = {"sha256": sha256_file(f), "size": f.stat().st_size}
+    manifest["tools"].update(tools or {})
+    manifest["source"].update(source or {})
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return manifest
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    manifest: dict
+
+    @property
+    def bundle_id(self) -> str:
+        """Short stable id: the first 12 hex digits of the manifest's file hashes, hashed together."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, info in sorted(self.manifest.get("files", {}).items()):
+            h.update(f"{name}:{info['sha256']}\n".encode())
+        return h.hexdigest()[:12]
+
+    def section(self, name: str) -> dict:
+        if name not in self.manifest:
+            raise BundleError(f"{self.path / MANIFEST}: no {name!r} section (the bundle was built without it)")
+        return self.manifest[name]
+
+    def file(self, name: str) -> Path:
+        if name not in self.manifest.get("files", {}):
+            raise BundleError(f"{self.path / MANIFEST}: {name} is not listed in the manifest's files")
+        return self.path / name
+
+
+def load_bundle(bundle_dir: Path, verify: str = "full") -> Bundle:
+    """Open a bundle and check it. verify: "full" (size + sha256 of every file), "size", or "none"."""
+    bundle_dir = Path(bundle_dir)
+    if not bundle_dir.is_dir():
+        raise BundleError(f"{bundle_dir}: bundle directory not found")
+    manifest = _read_manifest(bundle_dir)
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise BundleError(f"{bundle_dir / MANIFEST}: lists no files")
+    for name, info in sorted(files.items()):
+        f = bundle_dir / name
+        if not f.is_file():
+            raise BundleError(f"{f}: listed in the manifest but missing")
+        if verify in ("full", "size") and f.stat().st_size != info.get("size"):
+            raise BundleError(f"{f}: size {f.stat().st_size} does not match the manifest ({info.get('size')}); "
+                              "the file is truncated or was replaced")
+        if verify == "full":
+            digest = sha256_file(f)
+            if digest != info.get("sha256"):
+                raise BundleError(f"{f}: sha256 {digest[:16]}... does not match the manifest "
+                                  f"({str(info.get('sha256'))[:16]}...); the file is corrupt or was replaced")
+    return Bundle(path=bundle_dir, manifest=manifest)
