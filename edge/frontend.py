@@ -1,0 +1,154 @@
+"""The device's audio front end: any recording in, the BEATs encoder's input features out.
+
+It does what NatureLM's processor and BEATs' preprocess do together, in their order: mono by averaging channels,
+resampling to the model rate, truncation to the clip length, right zero-padding, clamping to [-1, 1], Kaldi log-mel
+fbank, fixed normalisation. One step departs from the reference: it resamples with torchaudio's short windowed sinc,
+which already rolls off above 6 kHz and lets 8-9 kHz back in as aliases, while the device uses libsoxr ("HQ"), flat
+to 7.4 kHz and alias-free. For input not at the model rate the top mel bins therefore differ from the reference's
+(up to ~0.5 normalised units on broadband noise); below 6 kHz they agree closely. tests/test_frontend.py measures it.
+
+Bad input is reported as an AudioError with a one-line message naming the problem and, where the caller gives one,
+the source; a clip too short for even one fbank frame is refused rather than padded into a silent clip.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import soxr
+
+from edge.errors import AudioError
+from edge.fbank import fbank_features
+from edge.spec import FbankSpec
+
+__all__ = ["AudioFrontEnd"]
+
+logger = logging.getLogger(__name__)
+
+# Past the clip's end, keep this much input before resampling. soxr's filters reach a few milliseconds; anything
+# further out cannot change the samples that survive truncation, and a long recording is not resampled in full.
+_RESAMPLE_MARGIN_SECONDS = 1.0
+
+
+def _source(name: str | None) -> str:
+    return f" {str(name)!r}" if name is not None else ""
+
+
+def _seconds_below(seconds: float, limit: float) -> str:
+    # Enough decimals that a clip just short of the minimum does not print as the minimum itself.
+    for decimals in range(3, 7):
+        text = f"{seconds:.{decimals}f}"
+        if float(text) < limit:
+            return text
+    return repr(seconds)
+
+
+class AudioFrontEnd:
+    """Turns audio at any sample rate into the normalised fbank features of one clip of `clip_seconds`.
+
+    `spec` comes from the bundle's manifest (FbankSpec.from_dict(manifest["fbank"])), so a bundle exported with other
+    parameters is still fed what its encoder expects.
+    """
+
+    def __init__(self, spec: FbankSpec, clip_seconds: float):
+        if not (isinstance(clip_seconds, (int, float)) and math.isfinite(clip_seconds) and clip_seconds > 0):
+            raise ValueError(f"clip_seconds must be a positive number, got {clip_seconds!r}")
+        self.spec = spec
+        self.clip_seconds = float(clip_seconds)
+        self.clip_samples = round(spec.sample_rate * clip_seconds)
+        # A clip must fill at least one fbank frame at the model rate; anything shorter carries no usable sound.
+        self.min_samples = spec.window_size
+        if self.clip_samples < self.min_samples:
+            raise ValueError(f"clip_seconds={clip_seconds} is shorter than one fbank frame")
+
+    @property
+    def num_frames(self) -> int:
+        """Fbank frames per clip (998 for 10 s at 16 kHz)."""
+        return self.spec.num_frames(self.clip_samples)
+
+    def _check_rate(self, sample_rate, name: str | None) -> float:
+        ok = isinstance(sample_rate, (int, float, np.integer, np.floating)) and not isinstance(sample_rate, bool)
+        if not ok or not math.isfinite(sample_rate) or sample_rate <= 0:
+            of = f" of{_source(name)}" if name is not None else ""
+            raise AudioError(f"sample rate{of} is {sample_rate!r}; it must be a positive number of Hz")
+        return float(sample_rate)
+
+    def _as_mono(self, audio, name: str | None) -> np.ndarray:
+        """Validated mono float32 samples, non-finite samples zeroed."""
+        src = _source(name)
+        x = np.asarray(audio)
+        if x.ndim not in (1, 2):
+            raise AudioError(
+                f"audio{src} has {x.ndim} dimensions (shape {x.shape}); expected (samples,) or (samples, channels)"
+            )
+        if x.size == 0:
+            raise AudioError(f"audio{src} is empty (shape {x.shape}, no samples)")
+        if x.ndim == 2 and x.shape[1] > x.shape[0]:
+            # soundfile and sounddevice give channels last; more channels than samples means the caller transposed.
+            raise AudioError(
+                f"audio{src} has shape {x.shape}, more channels than samples; "
+                "expected channels last, (samples, channels)"
+            )
+
+        if np.issubdtype(x.dtype, np.floating):
+            x = x.astype(np.float32, copy=False)
+        elif np.issubdtype(x.dtype, np.signedinteger):
+            # Integer PCM is full scale at 2**(bits - 1), as soundfile reads it into floats.
+            x = x.astype(np.float32) / float(2 ** (8 * x.dtype.itemsize - 1))
+        elif x.dtype == np.uint8:
+            x = (x.astype(np.float32) - 128.0) / 128.0
+        else:
+            raise AudioError(f"audio{src} has samples of type {x.dtype}; expected float or integer PCM")
+
+        bad = ~np.isfinite(x)
+        num_bad = int(np.count_nonzero(bad))
+        if num_bad == x.size:
+            raise AudioError(f"audio{src} has no finite samples (all {num_bad} are NaN or infinite)")
+        if num_bad:
+            logger.warning("audio%s: replaced %d NaN or infinite samples (of %d) with 0", src, num_bad, x.size)
+            x = np.where(bad, np.float32(0.0), x)
+
+        if x.ndim == 2:
+            x = x.mean(axis=1, dtype=np.float32) if x.shape[1] > 1 else x[:, 0]
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def _resample(self, mono: np.ndarray, rate: float, name: str | None) -> np.ndarray:
+        if rate != self.spec.sample_rate:
+            mono = soxr.resample(mono, rate, self.spec.sample_rate, quality="HQ")
+        if mono.shape[0] < self.min_samples:
+            sr = self.spec.sample_rate
+            minimum = self.min_samples / sr
+            raise AudioError(
+                f"clip{_source(name)} is {_seconds_below(mono.shape[0] / sr, minimum)} s long; the minimum is "
+                f"{minimum:.3f} s (one {self.spec.frame_length_ms:g} ms fbank frame)"
+            )
+        return np.asarray(mono, dtype=np.float32)
+
+    def to_model_rate(self, audio: np.ndarray, sample_rate: int, name: str | None = None) -> np.ndarray:
+        """Mono float32 samples at the model rate, (N,), from (N,) or (N, channels) audio at `sample_rate`.
+
+        Channels are averaged, as the reference does; NaN/inf samples among finite ones become 0 (with a warning).
+        Raises AudioError for empty, all-NaN, wrongly shaped or too-short audio and non-positive sample rates.
+        """
+        rate = self._check_rate(sample_rate, name)
+        return self._resample(self._as_mono(audio, name), rate, name)
+
+    def clip_waveform(self, audio: np.ndarray, sample_rate: int, name: str | None = None) -> np.ndarray:
+        """The clip as the reference feeds it to BEATs: (clip_samples,) float32 at the model rate, truncated or
+        right zero-padded to clip_seconds, then clamped to [-1, 1]."""
+        rate = self._check_rate(sample_rate, name)
+        mono = self._as_mono(audio, name)
+        keep = math.ceil((self.clip_seconds + _RESAMPLE_MARGIN_SECONDS) * rate)
+        mono = self._resample(mono[:keep], rate, name)
+        clip = np.zeros(self.clip_samples, dtype=np.float32)
+        n = min(mono.shape[0], self.clip_samples)
+        clip[:n] = mono[:n]
+        # Clamped after resampling, as in the reference: resampler overshoot on full-scale audio is clipped too.
+        np.clip(clip, -1.0, 1.0, out=clip)
+        return clip
+
+    def features(self, audio: np.ndarray, sample_rate: int, name: str | None = None) -> np.ndarray:
+        """Normalised log-mel features of one clip, (1, num_frames, num_mel_bins) float32, ready for the encoder."""
+        return fbank_features(self.clip_waveform(audio, sample_rate, name), self.spec)[np.newaxis]
