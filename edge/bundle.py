@@ -6,15 +6,33 @@ adapter GGUF). The manifest says everything the device needs, so nothing is hard
     {
       "format": "naturelm-edge-bundle", "format_version": 1,
       "created": ISO 8601 UTC, "tools": {package: version},
-      "source": {"naturelm": {"sha256": ...}, "llama": {"sha256": ...}},
-      "audio": {  # written by `export`
+      "source": {"naturelm": {"sha256": ..., "config_sha256": ...}, "llama": {"sha256": ...}},
+      "audio": {  # written by `export` (export/onnx_export.py)
         "sample_rate", "clip_seconds", "fbank": FbankSpec dict, "frames", "mel_bins",
         "embeddings_per_clip", "embedding_width", "input_name", "output_name",
-        "encoders": {precision: {"file", "verification": {...}}}
+        "encoders": {precision (fp32 | fp16 | int8): {
+          "file": "audio_encoder.<precision>.onnx", "opset": 17,
+          "verification": {  # against the PyTorch float32 reference, on fixed and random inputs
+            "against", "max_abs_error", "reference_max_abs", "mean_cosine", "min_cosine",
+            "inputs": {name: {"shape", "max_abs_error", "mean_cosine", "min_cosine"}},
+            "tolerance": {"max_abs_error_relative_to_output_scale" (null: not bounded), "mean_cosine"},
+            "passed": true,
+            # fp16 only: largest |x| entering LayerNorm/Softmax in the float32 graph, and float16's limit
+            "fp32_activation_ranges_on_chirp": {...}, "float16_max": 65504.0
+          }}}
       },
-      "llm": {  # written by `quantize`
-        "n_embd", "n_ctx", "prompt": PromptTemplate dict, "token_ids": {...},
-        "models": {type: {"file", "quality": {...}}}, "lora": {...}
+      "llm": {  # written by `quantize` (quantize/build.py); read by edge/llm.py
+        "n_embd", "n_vocab" (with NatureLM's [PAD]), "n_layer", "n_ctx" (the device's context), "n_ctx_train",
+        "prompt": PromptTemplate dict,
+        "token_ids": {"bos", "stop": [ids of prompt.stop_tokens], "yes", "no", "pad"},  # checked against the GGUF
+        "text": {"skip_special_tokens": true, "clean_up_tokenization_spaces"},  # how answer tokens become text
+        "models": {type ("Q4_K_M", "Q8_0", "F16", ...): {"file", "bytes",
+                   "quality": null (the F16 reference) or {"reference": "F16", "kl_mean", "kl_p95", "kl_max",
+                               "top1_agreement", "positions", "prompts", "probe": {...}}}},
+        "default_model": type,
+        "lora": {"mode": "merge" | "adapter" | "none", "merging_alpha", "adapter_file" (adapter mode, else null),
+                 "alpha", "rank"},
+        "source": {"llama_sha256", "naturelm_sha256"}, "tools": {package: version}
       },
       "files": {name: {"sha256", "size"}}
     }

@@ -41,7 +41,7 @@ class FbankSpec:
 
     @property
     def window_size(self) -> int:
-        return int(self.sample_rate * self.frame_length_ms / 1000)
+        return int(self.sample_rate * self.frame_length_ms / 1000)  # Kaldi truncates
 
     @property
     def window_shift(self) -> int:
@@ -68,7 +68,7 @@ PATCH_SIZE = 16
 
 def window_tokens(seconds: float) -> int:
     """The reference's window size in BEATs tokens for a given `second_per_window` (NatureLM.py)."""
-    return int(round(1500 * seconds / 30.0))
+    return round(1500 * seconds / 30.0)
 
 
 def fbank_frames(clip_samples: int = CLIP_SAMPLES) -> int:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from edge.errors import CheckpointError
 from edge.hashing import sha256_file
@@ -82,10 +82,10 @@ class SafetensorsFile:
                 raise CheckpointError(f"{f}: shard listed in the index is missing")
             try:
                 h = safe_open(str(f), framework="pt")
-            except Exception as e:  # safetensors raises its own error types for a corrupt header
+            except (SafetensorError, OSError) as e:
                 raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
             self._handles[f] = h
-            for k in h.keys():
+            for k in h.keys():  # noqa: SIM118 (safe_open is not a dict)
                 self._where[k] = f
 
     def keys(self) -> list[str]:
@@ -99,7 +99,7 @@ class SafetensorsFile:
             return self._handles[self._where[key]].get_tensor(key)
         except KeyError:
             raise CheckpointError(f"{self.files[0].parent}: tensor {key} not found") from None
-        except Exception as e:
+        except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{self._where[key]}: tensor {key} unreadable ({e})") from None
 
     def shape(self, key: str) -> tuple:
@@ -154,7 +154,7 @@ def open_checkpoint(directory: Path) -> NatureLMCheckpoint:
     f = SafetensorsFile(directory)
     ckpt = NatureLMCheckpoint(directory=directory, config=config, file=f)
     unknown = []
-    for key in f.keys():
+    for key in f.keys():  # noqa: SIM118 (SafetensorsFile is not a dict)
         m = LORA_RE.match(key)
         if key.startswith(AUDIO_PREFIXES) or key in AUDIO_KEYS:
             ckpt.audio_keys.append(key)

@@ -51,11 +51,11 @@ class BertSublayerOutput(nn.Module):
 class BertAttention(nn.Module):
     def __init__(self, cfg: QFormerConfig, kv_width: int):
         super().__init__()
-        setattr(self, "self", BertSelfAttention(cfg, kv_width))  # the reference's attribute is literally `self`
+        self.self = BertSelfAttention(cfg, kv_width)  # the reference's attribute is literally `self`
         self.output = BertSublayerOutput(cfg.hidden_size, cfg)
 
     def forward(self, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.output(getattr(self, "self")(hidden, context), hidden)
+        return self.output(self.self(hidden, context), hidden)
 
 
 class BertIntermediate(nn.Module):

@@ -140,7 +140,7 @@ def test_windows_match_the_reference_unfold(naturelm_dir):
     """NatureLM.py windows BEATs tokens with F.unfold; the export writes it as slicing. Same tensor, same order."""
     model = load_audio_model(open_checkpoint(naturelm_dir))
     x = torch.randn(2, 496, 64)
-    b, t, c = x.shape
+    b, _, c = x.shape
     k = model.cfg.window_kernel
     assert k == 17
     unfolded = F.unfold(x.transpose(1, 2).unsqueeze(2), kernel_size=(1, k), stride=(1, k))
