@@ -15,3 +15,88 @@ def tiny_model(tmp_path_factory) -> tuple[Path, Path]:
     from export.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny"), preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_model, tmp_path_factory) -> Path:
+    """A bundle holding the tiny preset's audio encoder in fp32, fp16 and int8, exported and verified once per session.
+    Read-only: a test that alters a bundle works on a copy (shutil.copytree)."""
+    from export.onnx_export import export_bundle
+
+    out = tmp_path_factory.mktemp("tiny_bundle") / "bundle"
+    export_bundle(tiny_model[0], out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_bundle(tiny_model, tmp_path_factory) -> Path:
+    """A bundle holding the tiny preset's LLM, LoRA merged at merging_alpha 1.0, as Q4_K_M (the default), Q8_0, F16
+    and F32, with quality reports. Built once per session; read-only (copy it to alter it).
+
+    Tiny models run llama.cpp on one thread (tests pass n_threads=1 too): the work per op is microseconds, and with
+    more threads than free cores (a shared CI machine) each op's thread barrier can cost a scheduler tick, making a
+    millisecond decode take a second."""
+    from quantize.build import build_llm_bundle
+
+    naturelm_dir, llama_dir = tiny_model
+    out = tmp_path_factory.mktemp("tiny_llm") / "bundle"
+    build_llm_bundle(naturelm_dir, llama_dir, out, types=("Q4_K_M", "Q8_0", "F16", "F32"), lora_mode="merge",
+                     merging_alpha=1.0, quality_clips=1, threads=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_adapter_bundle(tiny_model, tmp_path_factory) -> Path:
+    """The tiny LLM as an F32 base + a LoRA adapter GGUF (default runtime scale 1.0), no quality report."""
+    from quantize.build import build_llm_bundle
+
+    naturelm_dir, llama_dir = tiny_model
+    out = tmp_path_factory.mktemp("tiny_llm_adapter") / "bundle"
+    build_llm_bundle(naturelm_dir, llama_dir, out, types=("F32",), lora_mode="adapter", merging_alpha=1.0,
+                     quality=False, threads=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_reference_llm(tiny_model):
+    """The PyTorch oracle (export/reference_llm.py) on the tiny preset's weights, LoRA merged at 1.0."""
+    from export.checkpoint import open_checkpoint
+    from export.reference_llm import ReferenceLLM
+
+    naturelm_dir, llama_dir = tiny_model
+    ckpt = open_checkpoint(naturelm_dir)
+    return ReferenceLLM(llama_dir, ckpt.lora(), ckpt.config.lora_alpha, ckpt.config.lora_rank, merging_alpha=1.0)
+
+
+# --- field daemon (issue 6): a real mosquitto per test ------------------------------------------------------------
+
+
+@pytest.fixture
+def mqtt_broker(tmp_path):
+    """A running mosquitto on a free port (anonymous, persistent sessions); stopped after the test."""
+    from mqtt_broker import Broker, have_mosquitto
+
+    if not have_mosquitto():
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+    broker = Broker(tmp_path / "broker").start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def mqtt_broker_factory(tmp_path):
+    """make(users={name: password}, tls={ca, cert, key}) -> a started Broker; all are stopped after the test."""
+    from mqtt_broker import Broker, have_mosquitto
+
+    if not have_mosquitto():
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+    brokers = []
+
+    def make(users=None, persistence=True, tls=None):
+        b = Broker(tmp_path / f"broker{len(brokers)}", users=users, persistence=persistence, tls=tls).start()
+        brokers.append(b)
+        return b
+
+    yield make
+    for b in brokers:
+        b.stop()

@@ -1,0 +1,590 @@
+"""The field daemon's configuration: one YAML file, validated at load into frozen dataclasses.
+
+Every problem is a ConfigError with one line that names the file and the key path
+(`daemon.yaml: mqtt.port: must be an integer 1..65535, got 'abc'`), raised before anything starts: a recorder that
+is left alone for months should refuse a bad file at install time, not fail at 3 a.m. on the first reconnect.
+
+Relative paths in the file are relative to the file's own directory, so a config and its prompts file can move
+together. Secrets (the MQTT password) are never stored in these objects: the config names where the password lives
+(`password_file`, or `password_credential` under systemd's $CREDENTIALS_DIRECTORY) and `read_mqtt_password` reads it
+into a Secret whose repr is redacted, so no log line or traceback can show it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from edge.errors import ConfigError
+from edge.prompts import load_prompts
+
+__all__ = [
+    "BundleConfig", "Config", "FileConfig", "HealthConfig", "MicConfig", "MqttConfig", "OutboxConfig", "Secret",
+    "SourceConfig", "StdinConfig", "StoreConfig", "TlsConfig", "WatchdogConfig", "WindowingConfig", "load_config",
+    "read_mqtt_password", "restart_needed",
+]
+
+PROVIDERS = ("auto", "tensorrt", "cuda", "cpu")
+PRECISIONS = ("fp32", "fp16", "int8")
+VERIFY = ("full", "size", "none")
+SOURCE_TYPES = ("mic", "file", "stdin")
+SAMPLE_FORMATS = ("s16le", "s32le", "f32le")
+DEFAULT_STATE_DIR = "/var/lib/naturelm-edge"
+# device_id and prefix end up in MQTT topic names: no wildcards, no separators, nothing a shell or HA would mangle.
+_TOPIC_WORD = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}(/[A-Za-z0-9_.-]{1,64})*$")
+_REQUIRED = object()
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kKMGT])(i?)B|B?)\s*$")
+
+
+class Secret:
+    """A secret string that never prints itself."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class BundleConfig:
+    path: Path
+    encoder_precision: str = "fp32"
+    provider: str = "auto"
+    quantization: str | None = None  # None: the bundle's default LLM file
+    n_gpu_layers: int | None = None  # None: the engine's default (all layers where a GPU is present)
+    verify: str = "full"
+
+
+@dataclass(frozen=True)
+class MicConfig:
+    device: str | int | None = None  # name substring (case-insensitive) or PortAudio index; None: the default input
+    samplerate: int | None = None  # None: the device's native rate (the front end resamples each window)
+    channels: int = 1
+    block_s: float = 0.1
+
+
+@dataclass(frozen=True)
+class FileConfig:
+    path: Path
+    realtime: bool = True
+    loop: bool = False
+
+
+@dataclass(frozen=True)
+class StdinConfig:
+    samplerate: int
+    channels: int = 1
+    format: str = "s16le"
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    type: str
+    mic: MicConfig | None = None
+    file: FileConfig | None = None
+    stdin: StdinConfig | None = None
+    stall_timeout_s: float = 5.0
+    reconnect_min_delay_s: float = 1.0
+    reconnect_max_delay_s: float = 60.0
+    ring_s: float = 30.0
+
+    @property
+    def name(self) -> str:
+        """What events carry in `source`."""
+        if self.type == "file":
+            return str(self.file.path)
+        if self.type == "stdin":
+            return "stdin"
+        return "mic" if self.mic.device is None else f"mic:{self.mic.device}"
+
+
+@dataclass(frozen=True)
+class WindowingConfig:
+    window_s: float = 10.0
+    hop_s: float = 5.0
+    gate_dbfs: float | None = None  # windows quieter than this (RMS dBFS) skip the model; None: no gate
+    max_pending: int = 4
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    insecure: bool = False  # skip host name verification (self-signed lab brokers only)
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    host: str = "localhost"
+    port: int = 1883
+    prefix: str = "naturelm"
+    client_id: str | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    password_credential: str | None = None
+    tls: TlsConfig | None = None
+    keepalive_s: int = 60
+    reconnect_min_delay_s: float = 1.0
+    reconnect_max_delay_s: float = 120.0
+    homeassistant_discovery: bool = False
+    discovery_prefix: str = "homeassistant"
+    max_inflight: int = 20
+
+
+@dataclass(frozen=True)
+class OutboxConfig:
+    path: Path
+    max_bytes: int = 64 * 1024 * 1024
+    max_events: int = 200_000
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    interval_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Clips or embeddings on disk, with retention by total size and by age."""
+
+    enabled: bool
+    dir: Path
+    max_bytes: int = 1024 * 1024 * 1024
+    max_age_days: float = 30.0
+
+
+@dataclass(frozen=True)
+class WatchdogConfig:
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    device_id: str
+    bundle: BundleConfig
+    source: SourceConfig
+    windowing: WindowingConfig
+    prompts: tuple  # of PromptSpec
+    mqtt: MqttConfig
+    outbox: OutboxConfig
+    health: HealthConfig
+    clips: StoreConfig
+    embeddings: StoreConfig
+    state_dir: Path
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+
+    def summary(self) -> str:
+        """One paragraph for `check-config` and the start-up log; never a secret."""
+        m = self.mqtt
+        auth = "no auth"
+        if m.username:
+            where = f"file {m.password_file}" if m.password_file else (
+                f"credential {m.password_credential!r}" if m.password_credential else "no password")
+            auth = f"user {m.username!r}, password from {where}"
+        return (
+            f"device {self.device_id}; bundle {self.bundle.path} ({self.bundle.encoder_precision}, provider "
+            f"{self.bundle.provider}); source {self.source.type} {self.source.name}; windows {self.windowing.window_s:g} s "
+            f"every {self.windowing.hop_s:g} s; {len(self.prompts)} prompt(s): "
+            f"{', '.join(p.id for p in self.prompts)}; mqtt {'tls' if m.tls else 'tcp'}://{m.host}:{m.port} "
+            f"prefix {m.prefix!r} ({auth}); outbox {self.outbox.path}; state {self.state_dir}; clips "
+            f"{'on' if self.clips.enabled else 'off'}; embeddings {'on' if self.embeddings.enabled else 'off'}"
+        )
+
+
+# --- reading ------------------------------------------------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys silently; in a config that hides an edit, so it is an error."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Section:
+    """A mapping being read, that knows its key path and reports unknown keys when done."""
+
+    def __init__(self, origin: str, data, path: str, base_dir: Path):
+        self.origin, self.path, self.base_dir = origin, path, base_dir
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise self.error(None, f"must be a mapping, got {_show(data)}")
+        self.data = data
+        self.used: set = set()
+
+    def key(self, name) -> str:
+        return f"{self.path}.{name}" if self.path else str(name)
+
+    def error(self, name, message: str) -> ConfigError:
+        where = self.key(name) if name is not None else (self.path or "top level")
+        return ConfigError(f"{self.origin}: {where}: {message}")
+
+    def _missing(self, name: str, what: str) -> ConfigError:
+        # A required key is often missing because it is misspelt: say so, rather than only "missing".
+        typo = difflib.get_close_matches(name, [str(k) for k in self.data if k not in self.used], n=1)
+        return self.error(name, f"missing ({what})" + (f"; is {typo[0]!r} a misspelling of it?" if typo else ""))
+
+    def raw(self, name: str, default=_REQUIRED):
+        self.used.add(name)
+        if name not in self.data or (self.data[name] is None and default is not _REQUIRED):
+            if default is _REQUIRED:
+                raise self._missing(name, "required")
+            return default
+        return self.data[name]
+
+    def sub(self, name: str, required: bool = False) -> _Section | None:
+        if name not in self.data or self.data[name] is None:
+            self.used.add(name)
+            if required:
+                raise self._missing(name, "required section")
+            return None
+        return _Section(self.origin, self.raw(name), self.key(name), self.base_dir)
+
+    def string(self, name: str, default=_REQUIRED, pattern: re.Pattern | None = None, hint: str = ""):
+        v = self.raw(name, default)
+        if v is default and default is not _REQUIRED:
+            return v
+        if not isinstance(v, str) or not v.strip():
+            raise self.error(name, f"must be a non-empty string, got {_show(v)}")
+        if pattern is not None and not pattern.match(v):
+            raise self.error(name, f"{hint}, got {_show(v)}")
+        return v
+
+    def choice(self, name: str, options: tuple, default=_REQUIRED):
+        v = self.raw(name, default)
+        if v not in options:
+            raise self.error(name, f"must be one of {', '.join(options)}, got {_show(v)}")
+        return v
+
+    def boolean(self, name: str, default=_REQUIRED) -> bool:
+        v = self.raw(name, default)
+        if not isinstance(v, bool):
+            raise self.error(name, f"must be true or false, got {_show(v)}")
+        return v
+
+    def integer(self, name: str, lo: int, hi: int | None = None, default=_REQUIRED):
+        v = self.raw(name, default)
+        if v is default and default is None:
+            return None
+        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+            raise self.error(name, f"must be an integer {rng}, got {_show(v)}")
+        return v
+
+    def number(self, name: str, lo: float, hi: float | None = None, default=_REQUIRED, lo_open: bool = False):
+        v = self.raw(name, default)
+        if v is default and default is None:
+            return None
+        low = f"> {lo:g}" if lo_open else f">= {lo:g}"
+        rng = low if hi is None else (f"{low} and <= {hi:g}" if lo_open else f"{lo:g}..{hi:g}")
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if ok:
+            ok = (v > lo if lo_open else v >= lo) and (hi is None or v <= hi)
+        if not ok:
+            raise self.error(name, f"must be a number {rng}, got {_show(v)}")
+        return float(v)
+
+    def size(self, name: str, default=_REQUIRED) -> int:
+        """Bytes: an integer, or a number with a unit: KiB/MiB/GiB/TiB (1024-based), kB/MB/GB/TB (1000-based)."""
+        v = self.raw(name, default)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+        m = _SIZE.match(v) if isinstance(v, str) else None
+        if m:
+            unit = (m.group(2) or "").upper()
+            power = "KMGT".index(unit) + 1 if unit else 0
+            n = int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
+            if n > 0:
+                return n
+        raise self.error(name, f"must be a positive size in bytes (e.g. 67108864, '64MiB' or '2GB'), got {_show(v)}")
+
+    def path_value(self, name: str, default=_REQUIRED, must_exist: str | None = None) -> Path | None:
+        v = self.raw(name, default)
+        if v is default and default is None:
+            return None
+        if isinstance(v, Path):
+            p = v
+        elif isinstance(v, str) and v.strip():
+            p = Path(os.path.expanduser(v.strip()))
+        else:
+            raise self.error(name, f"must be a path, got {_show(v)}")
+        if not p.is_absolute():
+            p = self.base_dir / p
+        if must_exist == "file" and not p.is_file():
+            raise self.error(name, f"file not found: {p}")
+        if must_exist == "dir" and not p.is_dir():
+            raise self.error(name, f"directory not found: {p}")
+        return p
+
+    def done(self) -> None:
+        unknown = [k for k in self.data if k not in self.used]
+        if unknown:
+            known = sorted(str(k) for k in self.used)
+            close = difflib.get_close_matches(str(unknown[0]), known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known here: {', '.join(known)}"
+            raise self.error(unknown[0], f"unknown key ({hint})")
+
+
+def _bundle(s: _Section) -> BundleConfig:
+    b = BundleConfig(
+        path=s.path_value("path", must_exist="dir"),
+        encoder_precision=s.choice("encoder_precision", PRECISIONS, "fp32"),
+        provider=s.choice("provider", PROVIDERS, "auto"),
+        quantization=s.string("quantization", None),
+        n_gpu_layers=s.integer("n_gpu_layers", -1, 10000, None),
+        verify=s.choice("verify", VERIFY, "full"),
+    )
+    s.done()
+    return b
+
+
+def _mic(sub: _Section) -> MicConfig:
+    dev = sub.raw("device", None)
+    bad = isinstance(dev, bool) or not isinstance(dev, (str, int, type(None)))
+    if bad or (isinstance(dev, str) and not dev.strip()) or (isinstance(dev, int) and dev < 0):
+        raise sub.error("device", f"must be a device name (substring) or an index >= 0, got {_show(dev)}")
+    return MicConfig(device=dev, samplerate=sub.integer("samplerate", 1000, 768000, None),
+                     channels=sub.integer("channels", 1, 64, 1), block_s=sub.number("block_s", 0.005, 1.0, 0.1))
+
+
+def _source(s: _Section) -> SourceConfig:
+    kind = s.choice("type", SOURCE_TYPES)
+    parsed = {}
+    for name in SOURCE_TYPES:
+        # The microphone needs no settings (default device, native rate); file and stdin do.
+        sub = s.sub(name, required=(name == kind and name != "mic"))
+        if sub is None:
+            if name == kind:
+                sub = _Section(s.origin, {}, s.key(name), s.base_dir)
+            else:
+                continue
+        if name == "mic":
+            parsed[name] = _mic(sub)
+        elif name == "file":
+            # An absent file is an error only when the file source is the one in use.
+            parsed[name] = FileConfig(path=sub.path_value("path", must_exist="file" if kind == "file" else None),
+                                      realtime=sub.boolean("realtime", True), loop=sub.boolean("loop", False))
+        else:
+            parsed[name] = StdinConfig(samplerate=sub.integer("samplerate", 1000, 768000),
+                                       channels=sub.integer("channels", 1, 64, 1),
+                                       format=sub.choice("format", SAMPLE_FORMATS, "s16le"))
+        sub.done()
+    lo = s.number("reconnect_min_delay_s", 0.05, 3600, 1.0)
+    hi = s.number("reconnect_max_delay_s", 0.05, 86400, 60.0)
+    if hi < lo:
+        raise s.error("reconnect_max_delay_s", f"must be >= reconnect_min_delay_s ({lo:g}), got {hi:g}")
+    cfg = SourceConfig(type=kind, mic=parsed.get("mic"), file=parsed.get("file"), stdin=parsed.get("stdin"),
+                       stall_timeout_s=s.number("stall_timeout_s", 0.2, 3600, 5.0),
+                       reconnect_min_delay_s=lo, reconnect_max_delay_s=hi, ring_s=s.number("ring_s", 1.0, 3600, 30.0))
+    s.done()
+    return cfg
+
+
+def _windowing(s: _Section | None, origin: str, base_dir: Path) -> WindowingConfig:
+    s = s or _Section(origin, {}, "windowing", base_dir)
+    window = s.number("window_s", 0.0, 600, 10.0, lo_open=True)
+    hop = s.number("hop_s", 0.0, 600, 5.0, lo_open=True)
+    if hop > window:
+        raise s.error("hop_s", f"must be <= window_s ({window:g}); a longer hop leaves audio unheard, got {hop:g}")
+    cfg = WindowingConfig(window_s=window, hop_s=hop, gate_dbfs=s.number("gate_dbfs", -200.0, 0.0, None),
+                          max_pending=s.integer("max_pending", 1, 1000, 4))
+    s.done()
+    return cfg
+
+
+def _mqtt(s: _Section) -> MqttConfig:
+    tls = None
+    t = s.sub("tls")
+    if t is not None:
+        tls = TlsConfig(ca=t.path_value("ca", None, must_exist="file"),
+                        cert=t.path_value("cert", None, must_exist="file"),
+                        key=t.path_value("key", None, must_exist="file"),
+                        insecure=t.boolean("insecure", False))
+        if tls.key is not None and tls.cert is None:
+            raise t.error("key", "a client key needs its certificate (cert)")
+        t.done()
+    username = s.string("username", None)
+    pw_file = s.path_value("password_file", None, must_exist="file")
+    credential = s.string("password_credential", None, re.compile(r"^[A-Za-z0-9_.-]{1,255}$"),
+                          "must be a systemd credential name (letters, digits, '_', '.', '-')")
+    if pw_file is not None and credential is not None:
+        raise s.error("password_credential", "give password_file or password_credential, not both")
+    if (pw_file is not None or credential is not None) and username is None:
+        raise s.error("username", "missing: a password needs a user name")
+    lo = s.number("reconnect_min_delay_s", 0.05, 3600, 1.0)
+    hi = s.number("reconnect_max_delay_s", 0.05, 86400, 120.0)
+    if hi < lo:
+        raise s.error("reconnect_max_delay_s", f"must be >= reconnect_min_delay_s ({lo:g}), got {hi:g}")
+    cfg = MqttConfig(
+        host=s.string("host", "localhost"),
+        port=s.integer("port", 1, 65535, 8883 if tls else 1883),
+        prefix=s.string("prefix", "naturelm", _PREFIX, "must be topic levels of letters, digits, '_', '.', '-' "
+                        "joined by '/', no wildcards"),
+        client_id=s.string("client_id", None),
+        username=username, password_file=pw_file, password_credential=credential, tls=tls,
+        keepalive_s=s.integer("keepalive_s", 5, 65535, 60),
+        reconnect_min_delay_s=lo, reconnect_max_delay_s=hi,
+        homeassistant_discovery=s.boolean("homeassistant_discovery", False),
+        discovery_prefix=s.string("discovery_prefix", "homeassistant", _PREFIX, "must be a topic prefix"),
+        max_inflight=s.integer("max_inflight", 1, 1000, 20),
+    )
+    s.done()
+    return cfg
+
+
+def _store(s: _Section | None, name: str, origin: str, base_dir: Path, state_dir: Path) -> StoreConfig:
+    s = s or _Section(origin, {}, name, base_dir)
+    cfg = StoreConfig(
+        enabled=s.boolean("enabled", False),
+        dir=s.path_value("dir", state_dir / name),
+        max_bytes=s.size("max_bytes", 1024 * 1024 * 1024),
+        max_age_days=s.number("max_age_days", 0.0, 36500, 30.0, lo_open=True),
+    )
+    s.done()
+    return cfg
+
+
+def load_config(path, env=None) -> Config:
+    """Read and validate a daemon config. Raises ConfigError naming the file and the key path."""
+    env = os.environ if env is None else env
+    path = Path(path)
+    origin = str(path)
+    if not path.is_file():
+        raise ConfigError(f"{origin}: config file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{origin}: cannot read ({e})") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).strip().splitlines()[-1]
+        raise ConfigError(f"{origin}: not valid YAML: {where}{problem}") from None
+    base_dir = path.resolve().parent
+    top = _Section(origin, data, "", base_dir)
+
+    device_id = top.string("device_id", pattern=_TOPIC_WORD,
+                           hint="must be 1-64 letters, digits, '_', '.' or '-' (it is part of MQTT topics)")
+    # systemd's StateDirectory= sets $STATE_DIRECTORY; an explicit state_dir wins.
+    state_dir = top.path_value("state_dir", Path(env.get("STATE_DIRECTORY", "").split(":")[0] or DEFAULT_STATE_DIR))
+    if state_dir.exists() and not state_dir.is_dir():
+        raise top.error("state_dir", f"{state_dir} exists and is not a directory")
+
+    bundle = _bundle(top.sub("bundle", required=True))
+    source = _source(top.sub("source", required=True))
+    windowing = _windowing(top.sub("windowing"), origin, base_dir)
+
+    raw_prompts = top.raw("prompts")
+    if isinstance(raw_prompts, str):
+        p = Path(os.path.expanduser(raw_prompts))
+        p = p if p.is_absolute() else base_dir / p
+        if not p.is_file():
+            raise top.error("prompts", f"prompts file not found: {p}")
+        prompts = tuple(load_prompts(p))
+    elif isinstance(raw_prompts, list):
+        prompts = tuple(load_prompts(raw_prompts, origin, base="prompts"))
+    else:
+        raise top.error("prompts", f"must be a path to a prompts file or a list of prompts, got {_show(raw_prompts)}")
+
+    mqtt = _mqtt(top.sub("mqtt", required=True))
+
+    o = top.sub("outbox") or _Section(origin, {}, "outbox", base_dir)
+    outbox = OutboxConfig(path=o.path_value("path", state_dir / "outbox.sqlite3"),
+                          max_bytes=o.size("max_bytes", 64 * 1024 * 1024),
+                          max_events=o.integer("max_events", 10, 100_000_000, 200_000))
+    o.done()
+    h = top.sub("health") or _Section(origin, {}, "health", base_dir)
+    health = HealthConfig(interval_s=h.number("interval_s", 0.1, 86400, 60.0))
+    h.done()
+    clips = _store(top.sub("clips"), "clips", origin, base_dir, state_dir)
+    embeddings = _store(top.sub("embeddings"), "embeddings", origin, base_dir, state_dir)
+    w = top.sub("watchdog") or _Section(origin, {}, "watchdog", base_dir)
+    watchdog = WatchdogConfig(enabled=w.boolean("enabled", True))
+    w.done()
+    top.done()
+
+    cfg = Config(path=path, device_id=device_id, bundle=bundle, source=source, windowing=windowing,
+                 prompts=prompts, mqtt=mqtt, outbox=outbox, health=health, clips=clips, embeddings=embeddings,
+                 state_dir=state_dir, watchdog=watchdog)
+    return cfg
+
+
+def restart_needed(old: Config, new: Config) -> list[str]:
+    """Sections that differ between two configs and only take effect after a restart."""
+    live = {"prompts", "windowing", "path"}
+    changed = []
+    for f in fields(Config):
+        if f.name in live:
+            continue
+        if getattr(old, f.name) != getattr(new, f.name):
+            changed.append(f.name)
+    if (old.windowing.window_s, old.windowing.hop_s, old.windowing.max_pending) != (
+            new.windowing.window_s, new.windowing.hop_s, new.windowing.max_pending):
+        changed.append("windowing (window_s, hop_s, max_pending)")
+    return changed
+
+
+def read_mqtt_password(m: MqttConfig, origin: str, env=None) -> Secret | None:
+    """The broker password, from its file or systemd credential; None when the config gives none.
+
+    A password file may end with one newline (editors add one); it is not part of the password.
+    """
+    env = os.environ if env is None else env
+    if m.password_file is not None:
+        where, p = "mqtt.password_file", m.password_file
+    elif m.password_credential is not None:
+        creds = env.get("CREDENTIALS_DIRECTORY")
+        if not creds:
+            raise ConfigError(f"{origin}: mqtt.password_credential: $CREDENTIALS_DIRECTORY is not set; run under "
+                              f"systemd with LoadCredential={m.password_credential}:/path/to/file, or use "
+                              "password_file")
+        where, p = "mqtt.password_credential", Path(creds) / m.password_credential
+    else:
+        return None
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{origin}: {where}: cannot read {p} ({type(e).__name__}: "
+                          f"{getattr(e, 'strerror', None) or e})") from None
+    if text.endswith("\n"):
+        text = text[:-1].removesuffix("\r")
+    if not text:
+        raise ConfigError(f"{origin}: {where}: {p} is empty")
+    return Secret(text)
+

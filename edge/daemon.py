@@ -1,0 +1,366 @@
+"""`naturelm-edge run --config FILE`: the field daemon.
+
+Threads, not processes (one model in memory, shared counters, no IPC):
+
+  audio      the PortAudio callback (or a file/stdin reader) copies blocks into the RingBuffer, nothing else
+  main       cuts windows out of the ring (WindowScheduler), pings the systemd watchdog, publishes health,
+             handles signals
+  inference  takes the oldest pending window, runs the pipeline, saves clips and embeddings, stores the events
+             in the outbox (which gives them their seq)
+  mqtt       paho's network loop with reconnects (edge/mqtt.py)
+  drainer    outbox -> MQTT, deleting each event once the broker acknowledged it (edge/drainer.py)
+
+systemd: READY=1 once the bundle is loaded and warmed up; WATCHDOG=1 only while the audio source delivered frames
+within the watchdog interval *and* the inference worker completed a window within it (or is idle with nothing
+pending), so a dead microphone or a hung model stops the pings and systemd restarts the service. A timer thread that
+pinged regardless would only prove that Python still runs. SIGTERM: STOPPING=1, finish the window in hand, give the
+broker a few seconds to take what the outbox holds, publish `stopped`. SIGHUP: re-read the config and apply the
+prompt list and the gate threshold without reloading the bundle.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sqlite3
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from edge.config import Config, load_config, read_mqtt_password, restart_needed
+from edge.drainer import OutboxDrainer
+from edge.errors import ConfigError, NatureLMEdgeError
+from edge.health import WindowCounters, build_health, health_line
+from edge.mqtt import OFFLINE, STOPPED, MqttLink
+from edge.outbox import Outbox
+from edge.ringbuffer import RingBuffer, WindowScheduler
+from edge.sources import AudioSource, make_source
+from edge.stores import ClipStore, EmbeddingStore
+from edge.systemd_notify import Notifier
+
+logger = logging.getLogger(__name__)
+
+#: On SIGTERM, how long the broker gets to take what is left in the outbox (systemd's TimeoutStopSec is 90 s).
+SHUTDOWN_FLUSH_S = 10.0
+_TICK_S = 0.05
+
+
+def _open_pipeline_default(cfg: Config):
+    from edge.pipeline import open_pipeline
+
+    b = cfg.bundle
+    return open_pipeline(b.path, list(cfg.prompts), device_id=cfg.device_id, provider=b.provider,
+                         precision=b.encoder_precision, quantization=b.quantization, n_gpu_layers=b.n_gpu_layers,
+                         state_dir=cfg.state_dir, verify=b.verify, gate_dbfs=cfg.windowing.gate_dbfs)
+
+
+#: Test hook: tests replace this with a factory (cfg) -> pipeline when no real bundle is at hand.
+_open_pipeline = _open_pipeline_default
+
+
+class Daemon:
+    def __init__(self, cfg: Config, notifier: Notifier | None = None):
+        self.cfg = cfg
+        self.notifier = notifier or Notifier()
+        self.started = time.monotonic()
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self.pipeline = None
+        self.source: AudioSource | None = None
+        self.ring: RingBuffer | None = None
+        self.scheduler: WindowScheduler | None = None
+        self.counters = WindowCounters(cfg.windowing.hop_s)
+        self.stores: dict = {}
+        self._worker: threading.Thread | None = None
+        self._watchdog_withheld: str | None = None
+
+    # --- start-up ---------------------------------------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        cfg = self.cfg
+        password = read_mqtt_password(cfg.mqtt, str(cfg.path))  # fails before anything starts
+        try:
+            cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"{cfg.path}: state_dir: cannot create {cfg.state_dir} ({e.strerror})") from None
+        try:
+            self.outbox = Outbox(cfg.outbox.path, cfg.outbox.max_bytes, cfg.outbox.max_events)
+        except (OSError, sqlite3.Error) as e:
+            raise ConfigError(f"{cfg.path}: outbox.path: cannot open {cfg.outbox.path} ({e})") from None
+        self.link = MqttLink(cfg.mqtt, cfg.device_id, password)
+        self.drainer = OutboxDrainer(self.outbox, self.link, cfg.mqtt.max_inflight)
+        for name, store_cls in (("clips", ClipStore), ("embeddings", EmbeddingStore)):
+            store_cfg = getattr(cfg, name)
+            if store_cfg.enabled:
+                try:
+                    self.stores[name] = store_cls(store_cfg)
+                except OSError as e:
+                    raise ConfigError(f"{cfg.path}: {name}.dir: cannot use {store_cfg.dir} ({e.strerror})") from None
+
+    def _load_model(self) -> None:
+        t0 = time.monotonic()
+        self.notifier.status("loading the model bundle")
+        self.pipeline = _open_pipeline(self.cfg)
+        info = dict(self.pipeline.info)
+        logger.info("model bundle %s loaded and warmed up in %.1f s: encoder %s/%s, LLM %s, offload %s",
+                    info.get("bundle_id"), time.monotonic() - t0, info.get("encoder_provider"),
+                    info.get("encoder_precision"), info.get("quantization"), info.get("llm_offload"))
+        clip_s = getattr(self.pipeline, "clip_seconds", None)
+        if clip_s is not None and self.cfg.windowing.window_s > clip_s + 1e-6:
+            logger.warning("windowing.window_s is %g s but the model hears %g s: the end of every window is cut off",
+                           self.cfg.windowing.window_s, clip_s)
+        self.link.set_discovery(self.cfg.prompts)
+
+    def _apply_gate(self, dbfs) -> None:
+        """SIGHUP: the pipeline's activity gate takes the new threshold in place (edge.windowing.ActivityGate)."""
+        gate = getattr(self.pipeline, "gate", None)
+        if gate is not None:
+            gate.threshold_dbfs = dbfs
+
+    def _open_source(self) -> bool:
+        """Open the source, retrying with backoff (a microphone may be plugged in late). False if stopped first."""
+        delay = self.cfg.source.reconnect_min_delay_s
+        while not self._stop.is_set():
+            source = make_source(self.cfg.source)
+            try:
+                source.open()
+            except NatureLMEdgeError as e:
+                logger.error("cannot open the audio source: %s; retrying in %.1f s", e, delay)
+                if self._wait(delay):
+                    return False
+                delay = min(2 * delay, self.cfg.source.reconnect_max_delay_s)
+                continue
+            self.source = source
+            frames = max(1, int(self.cfg.source.ring_s * source.sample_rate))
+            self.ring = RingBuffer(frames, source.channels, source.sample_rate)
+            w = self.cfg.windowing
+            self.scheduler = WindowScheduler(self.ring, w.window_s, w.hop_s, w.max_pending,
+                                             lossless=not source.paced)
+            source.start(self.ring)
+            logger.info("audio source %s: %d Hz, %d channel(s), windows of %g s every %g s", source.name,
+                        source.sample_rate, source.channels, w.window_s, w.hop_s)
+            return True
+        return False
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleep that still serves signals; True when asked to stop."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if self._stop.wait(min(_TICK_S * 4, end - time.monotonic())):
+                return True
+        return self._stop.is_set()
+
+    # --- inference worker --------------------------------------------------------------------------------------------
+
+    def _inference(self) -> None:
+        while not self._stop.is_set():
+            w = self.scheduler.get(timeout=0.2)
+            if w is None:
+                continue
+            if self._stop.is_set():  # taken just as the stop came: left, like the other pending windows
+                break
+            self.counters.started()
+            try:
+                result = self.pipeline.process(w.samples, w.sample_rate, w.info, self.source.name)
+            except NatureLMEdgeError as e:
+                logger.warning("window %d (%.1f s) failed: %s", w.info.index, w.info.offset_s, e)
+                self.counters.finished(ok=False)
+                continue
+            except Exception:
+                logger.exception("window %d (%.1f s) failed", w.info.index, w.info.offset_s)
+                self.counters.finished(ok=False)
+                continue
+            events = list(result.events)
+            clips = self.stores.get("clips")
+            if clips is not None and any(e.positive for e in events):
+                path = clips.save(w.samples, w.sample_rate, w.info)
+                if path is not None:
+                    for e in events:
+                        e.clip = str(path)
+            emb = self.stores.get("embeddings")
+            if emb is not None and getattr(result, "embedding", None) is not None:
+                emb.save(result.embedding, w.info, self.source.name)
+            try:
+                self.outbox.add(events)
+            except Exception:
+                # The disk is full or failing: these events are lost, but the recorder goes on.
+                logger.exception("cannot store %d event(s) of window %d in the outbox", len(events), w.info.index)
+                self.counters.finished(ok=False)
+                continue
+            self.counters.finished(ok=True, gated=bool(result.gated), events=len(events))
+            logger.debug("window %d at %.1f s: %s, %d event(s)", w.info.index, w.info.offset_s,
+                         "gated" if result.gated else "processed", len(events))
+
+    # --- watchdog, health, reload ---------------------------------------------------------------------------------
+
+    def _liveness(self, interval: float) -> tuple[str, str] | None:
+        """None when audio and inference are alive within `interval`, else (what, why) of the first problem."""
+        if self.source is None:
+            return "source", "the audio source is not open"
+        if not self.source.frames_within(interval):
+            return "source", f"no audio frames from {self.source.name} for more than {interval:g} s"
+        c = self.counters
+        busy = c.busy_since
+        if busy is not None and time.monotonic() - busy > interval:
+            return "inference", f"inference has been on one window for {time.monotonic() - busy:.0f} s"
+        if busy is None and self.scheduler.pending() and time.monotonic() - c.last_done > interval:
+            return "inference", f"no window completed for {time.monotonic() - c.last_done:.0f} s with windows pending"
+        return None
+
+    def _ping_watchdog(self) -> None:
+        problem = self._liveness(self.notifier.watchdog_s)
+        if problem is None:
+            if self._watchdog_withheld:
+                logger.info("alive again: watchdog pings resume")
+                self._watchdog_withheld = None
+            self.notifier.watchdog()
+        elif problem[0] != self._watchdog_withheld:  # once per outage, not once per check
+            logger.warning("withholding the systemd watchdog: %s", problem[1])
+            self._watchdog_withheld = problem[0]
+
+    def health(self) -> dict:
+        return build_health(device_id=self.cfg.device_id, started_monotonic=self.started, counters=self.counters,
+                            rtf=self.counters.take_rtf(), scheduler=self.scheduler, ring=self.ring,
+                            source=self.source, outbox=self.outbox, drainer=self.drainer, link=self.link,
+                            model=dict(self.pipeline.info) if self.pipeline is not None else {},
+                            state_dir=self.cfg.state_dir, stores=self.stores)
+
+    def _publish_health(self) -> None:
+        h = self.health()
+        self.link.publish_health(h)
+        logger.info("%s", health_line(h))
+
+    def _do_reload(self) -> None:
+        try:
+            new = load_config(self.cfg.path)
+        except ConfigError as e:
+            logger.error("reload refused, keeping the running configuration: %s", e)
+            return
+        later = restart_needed(self.cfg, new)
+        try:
+            self.pipeline.set_prompts(list(new.prompts))
+        except NatureLMEdgeError as e:
+            logger.error("reload refused, keeping the running prompts: %s", e)
+            return
+        self._apply_gate(new.windowing.gate_dbfs)
+        self.cfg = replace(self.cfg, prompts=new.prompts,
+                           windowing=replace(self.cfg.windowing, gate_dbfs=new.windowing.gate_dbfs))
+        self.link.set_discovery(self.cfg.prompts)
+        logger.info("reloaded %s: %d prompt(s) (%s), gate %s", self.cfg.path, len(new.prompts),
+                    ", ".join(p.id for p in new.prompts),
+                    "off" if new.windowing.gate_dbfs is None else f"{new.windowing.gate_dbfs:g} dBFS")
+        if later:
+            logger.warning("changes to %s take effect only after a restart", ", ".join(later))
+
+    # --- main loop ----------------------------------------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        def stop(signum, frame):
+            if self._stop.is_set():
+                return
+            logger.info("%s: stopping", signal.Signals(signum).name)
+            self._stop.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, lambda s, f: self._reload.set())
+
+    def run(self, install_signals: bool = True) -> int:
+        """Run until SIGTERM/SIGINT (or the end of a finite source). `install_signals=False` lets a test run the
+        daemon on a thread other than the main one and stop it with `stop()`."""
+        if install_signals:
+            self._install_signals()
+        logger.info("naturelm-edge daemon: %s", self.cfg.summary())
+        self._prepare()
+        self.link.start()
+        self.drainer.start()
+        clean = False
+        try:
+            self._load_model()
+            if not self._stop.is_set():
+                self.notifier.ready(f"model loaded; device {self.cfg.device_id}")
+                if self._open_source():
+                    self._worker = threading.Thread(target=self._inference, name="inference", daemon=True)
+                    self._worker.start()
+                    self._main_loop()
+            clean = True
+        finally:
+            self._shutdown(clean)
+        return 0
+
+    def _main_loop(self) -> None:
+        wd = self.notifier.watchdog_s if self.cfg.watchdog.enabled else None
+        next_wd = time.monotonic()
+        next_health = time.monotonic() + self.cfg.health.interval_s
+        draining = False
+        while not self._stop.is_set():
+            self.scheduler.pump()
+            now = time.monotonic()
+            if self._reload.is_set():
+                self._reload.clear()
+                self._do_reload()
+            if wd and now >= next_wd:
+                self._ping_watchdog()
+                next_wd = now + wd / 2  # twice per interval, as sd_watchdog_enabled(3) advises
+            if now >= next_health:
+                self._publish_health()
+                next_health = now + self.cfg.health.interval_s
+            if self._source_done():
+                # A finite source (file, stdin) is done: deliver everything, then stop.
+                if not draining:
+                    draining = True
+                    self._publish_health()
+                    logger.info("source finished; waiting for %d event(s) to reach the broker", self.outbox.depth)
+                if self.outbox.depth == 0:
+                    logger.info("all events delivered")
+                    break
+            time.sleep(_TICK_S)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _source_done(self) -> bool:
+        """A finite source ended and every window it gave has been processed (or failed, or was dropped)."""
+        s, c = self.scheduler, self.counters
+        return s.finished and c.processed + c.failed + s.windows_dropped >= s.windows_cut
+
+    def _shutdown(self, clean: bool) -> None:
+        """Stop in order: audio, the window in hand, a last chance for the outbox, then `stopped` (or, when leaving
+        on an error, `offline`: the same word the last will would have said)."""
+        self._stop.set()
+        self.notifier.stopping("stopping")
+        if self.source is not None:
+            self.source.stop()
+        if self._worker is not None:
+            self._worker.join(timeout=60.0)  # the window in hand is finished, not abandoned (TimeoutStopSec=90)
+            left = self.scheduler.pending()
+            if left:
+                logger.info("%d pending window(s) not processed at shutdown", left)
+        if hasattr(self, "drainer"):
+            if self.link.connected.is_set() and self.outbox.depth:
+                ok = self.drainer.flush(SHUTDOWN_FLUSH_S)
+                if not ok:
+                    logger.warning("%d event(s) stay in the outbox for the next start", self.outbox.depth)
+            elif self.outbox.depth:
+                logger.info("%d event(s) stay in the outbox for the next start (broker not connected)",
+                            self.outbox.depth)
+            self._publish_health_quietly()
+            self.drainer.stop()
+            self.link.stop(STOPPED if clean else OFFLINE)
+            self.outbox.close()
+        if self.pipeline is not None and hasattr(self.pipeline, "close"):
+            self.pipeline.close()
+        self.notifier.close()
+        logger.info("stopped")
+
+    def _publish_health_quietly(self) -> None:
+        try:
+            self._publish_health()
+        except Exception as e:  # noqa: BLE001 - the last report is a courtesy; shutdown goes on regardless
+            logger.debug("final health report failed: %s", e)
+
+
+def run_daemon(config_path: Path) -> int:
+    cfg = load_config(config_path)
+    return Daemon(cfg).run()

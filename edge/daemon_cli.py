@@ -1,0 +1,67 @@
+"""Device subcommands of the field daemon: `run`, `check-config`, `devices`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from edge.daemon import run_daemon
+
+    return run_daemon(Path(args.config))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from edge.bundle import load_bundle
+    from edge.config import load_config, read_mqtt_password
+
+    cfg = load_config(Path(args.config))
+    m = cfg.mqtt
+    if m.password_credential is not None and not os.environ.get("CREDENTIALS_DIRECTORY"):
+        password = f"credential {m.password_credential!r} is read at run time from $CREDENTIALS_DIRECTORY (not checked)"
+    else:
+        password = "readable" if read_mqtt_password(m, str(cfg.path)) is not None else "none"
+    # Sizes only: hashing a multi-GB bundle is the daemon's job at start-up (bundle.verify).
+    bundle = load_bundle(cfg.bundle.path, verify="size")
+    print(f"{cfg.path}: OK")
+    print(f"  {cfg.summary()}")
+    print(f"  bundle {bundle.bundle_id}: {len(bundle.manifest.get('files', {}))} file(s), sizes match; "
+          f"mqtt password: {password}")
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from edge.sources import format_devices, input_devices
+
+    print(format_devices(input_devices()))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run the field daemon: microphone/file/stdin -> model -> MQTT (systemd: Type=notify)",
+        description=(
+            "Capture audio, cut it into windows, ask the configured prompts of every window and publish the answers "
+            "over MQTT at QoS 1 through a durable outbox. Signals: SIGTERM stops gracefully, SIGHUP reloads the "
+            "prompts and the gate threshold. Under systemd it reports READY once the model is warm and pings the "
+            "watchdog only while audio arrives and windows complete."
+        ),
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="daemon configuration (YAML; see examples/daemon.yaml)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "check-config",
+        help="validate a daemon configuration and exit (0: valid, 2: the first problem, named by key path)",
+        description="Validate a daemon configuration (keys, types, values, referenced files, prompts, the bundle's "
+                    "manifest and file sizes) without starting anything.",
+    )
+    p.add_argument("config", metavar="FILE")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("devices", help="list audio input devices (index, channels, native rate, name)",
+                       description="List PortAudio input devices, for source.mic.device (an index or part of a name).")
+    p.set_defaults(func=cmd_devices)

@@ -1,0 +1,93 @@
+"""The outbox drainer: moves events from the durable outbox to the MQTT link, and removes each one only when the
+broker has acknowledged it.
+
+At most `max_inflight` events are unacknowledged at a time, and nothing is handed to paho while the link is down, so
+paho's in-memory queue stays small and the outbox on disk is the one place a backlog lives. Events in flight when the
+link drops stay in paho, which resends them with the same message id after it reconnects; their acknowledgements
+then remove them here. After a restart, everything left in the outbox is sent again: delivery is at least once, and
+subscribers de-duplicate on `event_id`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+from edge.mqtt import MqttLink
+from edge.outbox import Outbox
+
+logger = logging.getLogger(__name__)
+
+
+class OutboxDrainer:
+    def __init__(self, outbox: Outbox, link: MqttLink, max_inflight: int):
+        self.outbox, self.link = outbox, link
+        self.max_inflight = max(1, int(max_inflight))
+        self._inflight: dict[int, int] = {}  # mid -> seq
+        self._last_sent = -1  # highest seq handed to paho in this run
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.published = 0  # acknowledged by the broker, this run
+        link.on_activity = outbox.changed.set
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="outbox-drainer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.outbox.changed.wait(0.5)
+            self.outbox.changed.clear()
+            try:
+                self.step()
+            except Exception:  # a bug or a full disk must not silently end delivery; log it and keep going
+                logger.exception("outbox drainer step failed; retrying")
+                self._stop.wait(1.0)
+
+    def step(self) -> None:
+        """Remove what was acknowledged, then send what fits in the in-flight window."""
+        done = []
+        while True:
+            try:
+                mid = self.link.acks.get_nowait()
+            except queue.Empty:
+                break
+            seq = self._inflight.pop(mid, None)
+            if seq is not None:
+                done.append(seq)
+        if done:
+            self.outbox.remove(done)
+            self.published += len(done)
+        if not self.link.connected.is_set():
+            return
+        room = self.max_inflight - len(self._inflight)
+        if room <= 0:
+            return
+        for seq, payload in self.outbox.peek(room, after_seq=self._last_sent):
+            mid = self.link.publish_event(payload)
+            if mid is None:
+                break
+            self._inflight[mid] = seq
+            self._last_sent = seq
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait (shutdown) until the outbox is empty or `timeout` passes. True when everything was delivered."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.outbox.depth == 0:
+                return True
+            self.outbox.changed.set()
+            time.sleep(0.05)
+        return self.outbox.depth == 0
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.outbox.changed.set()
+        if self._thread is not None:
+            self._thread.join(5.0)

@@ -1,0 +1,149 @@
+"""Health: the daemon's counters and the device's vital signs, published every `health.interval_s` on
+`{prefix}/{device_id}/health` and summarised in one log line.
+
+Everything here is cheap to read and needs no extra package: temperatures from /sys/class/thermal (on a Jetson the
+CPU, GPU and SoC zones; thermal throttling is the usual cause of a real-time factor creeping up in summer), disk free
+from statvfs of the state directory (the outbox and clips live there), resident memory from /proc/self/statm.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import shutil
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from edge.events import utc_iso
+
+logger = logging.getLogger(__name__)
+
+HEALTH_SCHEMA_VERSION = 1
+
+
+def read_temperatures(root: str = "/sys/class/thermal") -> dict[str, float]:
+    """{zone type (or zone name): degrees Celsius} of every readable thermal zone."""
+    temps = {}
+    for zone in sorted(glob.glob(os.path.join(root, "thermal_zone*"))):
+        try:
+            milli = int(Path(zone, "temp").read_text().strip())
+        except (OSError, ValueError):
+            continue  # some zones refuse reads while their sensor sleeps
+        try:
+            name = Path(zone, "type").read_text().strip() or Path(zone).name
+        except OSError:
+            name = Path(zone).name
+        if name in temps:
+            name = f"{name}.{Path(zone).name}"
+        temps[name] = round(milli / 1000.0, 1)
+    return temps
+
+
+def disk_free(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def rss_bytes() -> int | None:
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")
+
+
+class WindowCounters:
+    """Written by the inference worker, read by health and the watchdog."""
+
+    def __init__(self, hop_s: float):
+        self.hop_s = hop_s
+        self._lock = threading.Lock()
+        self.processed = 0
+        self.gated = 0
+        self.failed = 0
+        self.events = 0
+        self.busy_since: float | None = None  # monotonic start of the window being processed
+        self.last_done = time.monotonic()  # last window completed successfully (or start-up)
+        self._busy_s = 0.0  # inference seconds since the last report
+        self._windows = 0  # windows since the last report
+
+    def started(self) -> None:
+        self.busy_since = time.monotonic()
+
+    def finished(self, ok: bool, gated: bool = False, events: int = 0) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if self.busy_since is not None:
+                self._busy_s += now - self.busy_since
+                self._windows += 1
+            self.busy_since = None
+            if ok:
+                self.processed += 1
+                self.gated += int(gated)
+                self.events += events
+                self.last_done = now
+            else:
+                self.failed += 1
+
+    def take_rtf(self) -> float | None:
+        """Inference seconds per second of audio since the last call (windows advance by hop_s). Above 1 the device
+        cannot keep up and drops windows. None when no window was processed."""
+        with self._lock:
+            busy, n = self._busy_s, self._windows
+            self._busy_s, self._windows = 0.0, 0
+        return round(busy / (n * self.hop_s), 4) if n else None
+
+
+def build_health(*, device_id: str, started_monotonic: float, counters: WindowCounters, rtf: float | None,
+                 scheduler, ring, source, outbox, drainer, link, model: dict, state_dir: Path,
+                 stores: dict) -> dict:
+    temps = read_temperatures()
+    src = source.health() if source is not None else {}
+    return {
+        "schema_version": HEALTH_SCHEMA_VERSION,
+        "device_id": device_id,
+        "time": utc_iso(datetime.now(timezone.utc)),
+        "uptime_s": round(time.monotonic() - started_monotonic, 1),
+        "rtf": rtf,
+        "windows_processed": counters.processed,
+        "windows_gated": counters.gated,
+        "windows_failed": counters.failed,
+        "windows_dropped": scheduler.windows_dropped if scheduler is not None else 0,
+        "windows_pending": scheduler.pending() if scheduler is not None else 0,
+        "events": counters.events,
+        "overruns": ring.overruns if ring is not None else 0,
+        "overrun_frames": ring.overrun_frames if ring is not None else 0,
+        "source_gaps": src.get("gaps", 0),
+        "source_gap_s": src.get("gap_s", 0.0),
+        "source": src,
+        "outbox_depth": outbox.depth,
+        "outbox_bytes": outbox.bytes,
+        "outbox_dropped": outbox.dropped,
+        "events_published": drainer.published,
+        "mqtt": {"connected": link.connected.is_set(), "connects": link.connects,
+                 "connect_failures": link.connect_failures, "last_error": link.last_error},
+        "model": model,
+        "temperatures_c": temps,
+        "temperature_max_c": max(temps.values()) if temps else None,
+        "disk_free_bytes": disk_free(state_dir),
+        "rss_bytes": rss_bytes(),
+        **{f"{name}_saved": store.saved for name, store in stores.items()},
+    }
+
+
+def health_line(h: dict) -> str:
+    """The health report as one line a person can read in `journalctl -u naturelm-edge`."""
+    rtf = "n/a" if h["rtf"] is None else f"{h['rtf']:.2f}"
+    temp = "" if h["temperature_max_c"] is None else f", max temp {h['temperature_max_c']:.0f} C"
+    free = "" if h["disk_free_bytes"] is None else f", disk free {h['disk_free_bytes'] / 2**30:.1f} GiB"
+    rss = "" if h["rss_bytes"] is None else f", rss {h['rss_bytes'] / 2**20:.0f} MiB"
+    return (f"health: up {h['uptime_s']:.0f} s, rtf {rtf}, windows {h['windows_processed']} "
+            f"(gated {h['windows_gated']}, dropped {h['windows_dropped']}, failed {h['windows_failed']}), "
+            f"overruns {h['overruns']}, source gaps {h['source_gaps']} ({h['source_gap_s']:.1f} s), "
+            f"outbox {h['outbox_depth']} (dropped {h['outbox_dropped']}), published {h['events_published']}"
+            f"{temp}{free}{rss}")

@@ -1,0 +1,246 @@
+"""The MQTT link: one paho client (2.x, callback API version 2) with a status topic and last will, QoS 1 events whose
+acknowledgements are handed to the outbox drainer, periodic health, and optional Home Assistant discovery.
+
+Topics (`{prefix}/{device_id}/...`):
+  status   retained: `online` once connected, `offline` as the last will (the broker publishes it when the device
+           vanishes), `stopped` on a clean exit.
+  events   one message per prompt answer, QoS 1 (edge/schemas/event.schema.json).
+  health   retained, QoS 0, every health.interval_s.
+
+The connection is run by this module's own network thread rather than paho's `loop_start`, because paho's built-in
+reconnect swallows the reason a connection failed (refused, unreachable, TLS) and a field technician needs that line
+in the log. The thread connects, runs paho's loop until the connection ends, and retries after a bounded exponential
+backoff with jitter (a fleet that lost its broker must not reconnect in lockstep). A refused CONNACK (wrong password,
+unknown user) is logged as an error with the broker's reason and retried the same way: the daemon keeps recording
+into its outbox and never crash-loops over a credential. `connected` is set only by a successful CONNACK.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import random
+import ssl
+import threading
+
+import paho.mqtt.client as paho
+
+from edge import __version__
+from edge.config import MqttConfig, Secret
+
+logger = logging.getLogger(__name__)
+
+ONLINE, OFFLINE, STOPPED = "online", "offline", "stopped"
+
+_AUTH_HINT = {
+    "Not authorized": "check mqtt.username and the password",
+    "Bad user name or password": "check mqtt.username and the password",
+    "Client identifier not valid": "check mqtt.client_id",
+}
+
+
+class MqttLink:
+    def __init__(self, cfg: MqttConfig, device_id: str, password: Secret | None = None):
+        self.cfg = cfg
+        self.device_id = device_id
+        base = f"{cfg.prefix}/{device_id}"
+        self.status_topic, self.events_topic, self.health_topic = f"{base}/status", f"{base}/events", f"{base}/health"
+        self.connected = threading.Event()
+        #: mids the broker acknowledged (PUBACK); filled on paho's thread, emptied by the outbox drainer.
+        self.acks: queue.SimpleQueue[int] = queue.SimpleQueue()
+        #: Called (no arguments) on connect and on every acknowledgement: the drainer's wake-up.
+        self.on_activity = lambda: None
+        self.connects = 0
+        self.connect_failures = 0
+        self.last_error: str | None = None
+        self._failures_in_a_row = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._discovery_payloads: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._refused: str | None = None  # the broker's reason, when it refused this connection's CONNECT
+        self._accepted = False  # this connection's CONNECT was accepted
+
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2,
+                                  client_id=cfg.client_id or f"naturelm-edge-{device_id}",
+                                  clean_session=True, protocol=paho.MQTTv311, reconnect_on_failure=False)
+        self.client.max_inflight_messages_set(cfg.max_inflight)
+        self.client.will_set(self.status_topic, OFFLINE, qos=1, retain=True)
+        if cfg.username:
+            self.client.username_pw_set(cfg.username, password.reveal() if password else None)
+        if cfg.tls is not None:
+            t = cfg.tls
+            self.client.tls_set(ca_certs=str(t.ca) if t.ca else None, certfile=str(t.cert) if t.cert else None,
+                                keyfile=str(t.key) if t.key else None, cert_reqs=ssl.CERT_REQUIRED)
+            if t.insecure:
+                self.client.tls_insecure_set(True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_publish = self._on_publish
+
+    @property
+    def where(self) -> str:
+        return f"{self.cfg.host}:{self.cfg.port}"
+
+    # --- network thread ----------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._network, name="mqtt", daemon=True)
+        self._thread.start()
+
+    def _next_delay(self) -> float:
+        n = self._failures_in_a_row
+        delay = min(self.cfg.reconnect_min_delay_s * 2 ** max(0, n - 1), self.cfg.reconnect_max_delay_s)
+        return delay * random.uniform(0.8, 1.0)
+
+    def _fail(self, message: str, level: int = logging.WARNING) -> None:
+        self._failures_in_a_row += 1
+        self.connect_failures += 1
+        self.last_error = message
+        delay = self._next_delay()
+        logger.log(level, "%s; retrying in %.1f s (attempt %d)", message, delay, self._failures_in_a_row)
+        self._stop.wait(delay)
+
+    def _network(self) -> None:
+        while not self._stop.is_set():
+            self._refused = None
+            try:
+                self.client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+            except (OSError, ValueError) as e:  # refused, unreachable, DNS, TLS handshake (ssl.SSLError is an OSError)
+                self._fail(f"cannot connect to MQTT broker {self.where}: {e}")
+                continue
+            try:
+                self.client.loop_forever(retry_first_connection=False)
+            except Exception:  # this thread is the only way out for months of events: it must not die
+                logger.exception("MQTT network loop failed")
+            # The loop ends when the connection does: a refused CONNACK, a dropped link, or our own disconnect.
+            was_up, self._accepted = self._accepted, False
+            self.connected.clear()
+            if self._stop.is_set():
+                break
+            if self._refused:
+                self._fail(self._refused, logging.ERROR)
+            elif was_up:
+                self._failures_in_a_row = 0
+                self._fail(f"lost the connection to MQTT broker {self.where}")
+            else:
+                self._fail(f"MQTT broker {self.where} closed the connection before accepting it")
+
+    # --- paho callbacks (paho's thread) ---------------------------------------------------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            hint = _AUTH_HINT.get(str(reason_code))
+            self._refused = (f"MQTT broker {self.where} refused the connection: {reason_code}"
+                             + (f" ({hint})" if hint else ""))
+            return  # paho closes the socket; `connected` stays clear
+        self._refused = None
+        self._accepted = True
+        self._failures_in_a_row = 0
+        self.connects += 1
+        self.last_error = None
+        logger.info("connected to MQTT broker %s as %s%s", self.where, self.cfg.client_id or
+                    f"naturelm-edge-{self.device_id}", " (reconnect)" if self.connects > 1 else "")
+        client.publish(self.status_topic, ONLINE, qos=1, retain=True)
+        self._send_discovery()
+        self.connected.set()
+        self.on_activity()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if self.connected.is_set() and not self._stop.is_set():
+            logger.warning("disconnected from MQTT broker %s (%s)", self.where, reason_code)
+        self.connected.clear()
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        # paho holds its own message lock here: hand the mid over, touch nothing else.
+        self.acks.put(mid)
+        self.on_activity()
+
+    # --- publishing -----------------------------------------------------------------------------------------------
+
+    def publish_event(self, payload: str) -> int | None:
+        """Publish one event at QoS 1; its mid, or None when it could not be queued (not connected)."""
+        if not self.connected.is_set():
+            return None
+        info = self.client.publish(self.events_topic, payload, qos=1)
+        # NO_CONN: the link dropped during the call; paho keeps the message and sends it after reconnecting, so the
+        # mid still stands and its acknowledgement will come.
+        if info.rc in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            return info.mid
+        logger.warning("publish refused by the MQTT client: %s", paho.error_string(info.rc))
+        return None
+
+    def publish_health(self, health: dict) -> bool:
+        if not self.connected.is_set():
+            return False
+        return self.client.publish(self.health_topic, json.dumps(health, separators=(",", ":")), qos=0,
+                                   retain=True).rc == paho.MQTT_ERR_SUCCESS
+
+    # --- Home Assistant discovery -----------------------------------------------------------------------------------
+
+    def set_discovery(self, prompts) -> None:
+        """Entities for Home Assistant: health sensors and, per yes_no/label prompt, a detection binary sensor.
+
+        Published retained on every connect; a prompt removed by a reload has its entity deleted (empty payload).
+        """
+        if not self.cfg.homeassistant_discovery:
+            return
+        node = self.device_id.replace(".", "_")
+        dp = self.cfg.discovery_prefix
+        device = {"identifiers": [f"naturelm-edge-{node}"], "name": f"NatureLM {self.device_id}",
+                  "manufacturer": "naturelm-edge", "model": "NatureLM-audio edge recorder", "sw_version": __version__}
+        availability = [{"topic": self.status_topic,
+                         "value_template": "{{ 'online' if value == 'online' else 'offline' }}"}]
+        payloads = {}
+        for key, name, unit, cls in (("uptime_s", "uptime", "s", "duration"), ("rtf", "real-time factor", None, None),
+                                     ("outbox_depth", "outbox depth", None, None),
+                                     ("windows_dropped", "windows dropped", None, None),
+                                     ("temperature_max_c", "temperature", "°C", "temperature"),
+                                     ("disk_free_bytes", "disk free", "B", "data_size")):
+            cfg = {"name": name, "unique_id": f"naturelm_{node}_{key}", "state_topic": self.health_topic,
+                   "value_template": f"{{{{ value_json.{key} }}}}", "availability": availability, "device": device,
+                   "entity_category": "diagnostic"}
+            if unit:
+                cfg["unit_of_measurement"] = unit
+            if cls:
+                cfg["device_class"] = cls
+            payloads[f"{dp}/sensor/{node}/{key}/config"] = json.dumps(cfg)
+        for p in prompts:
+            if p.kind not in ("yes_no", "label"):
+                continue
+            oid = p.id.replace(".", "_")
+            cfg = {"name": p.id, "unique_id": f"naturelm_{node}_{oid}", "state_topic": self.events_topic,
+                   # Events of other prompts render empty, which Home Assistant ignores.
+                   "value_template": ("{% if value_json.prompt_id == '" + p.id + "' %}"
+                                      "{{ 'ON' if value_json.positive else 'OFF' }}{% endif %}"),
+                   "json_attributes_topic": self.events_topic, "availability": availability, "device": device}
+            payloads[f"{dp}/binary_sensor/{node}/{oid}/config"] = json.dumps(cfg)
+        with self._lock:
+            removed = set(self._discovery_payloads) - set(payloads)
+            self._discovery_payloads = {**payloads, **{t: "" for t in removed}}
+        if self.connected.is_set():
+            self._send_discovery()
+
+    def _send_discovery(self) -> None:
+        with self._lock:
+            items = list(self._discovery_payloads.items())
+            self._discovery_payloads = {t: p for t, p in items if p}
+        for topic, payload in items:
+            self.client.publish(topic, payload, qos=1, retain=True)
+
+    # --- shutdown ---------------------------------------------------------------------------------------------------
+
+    def stop(self, status: str = STOPPED, timeout: float = 5.0) -> None:
+        """Publish `status` (retained), disconnect cleanly (so the broker does not send the will), end the thread."""
+        self._stop.set()
+        if self.connected.is_set():
+            info = self.client.publish(self.status_topic, status, qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError) as e:
+                logger.warning("could not publish the %s status: %s", status, e)
+        self.client.disconnect()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.connected.clear()
