@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -83,4 +83,4 @@ class Event:
         return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)
 
 
-__all__ = ["Event", "WindowInfo", "SCHEMA_VERSION", "load_schema", "utc_iso", "asdict"]
+__all__ = ["SCHEMA_VERSION", "Event", "WindowInfo", "load_schema", "utc_iso"]

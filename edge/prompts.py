@@ -107,7 +107,7 @@ def load_prompts(source, origin: str | None = None, base: str = "") -> list[Prom
             raise ConfigError(f"{path}: not valid YAML ({first})") from None
         if isinstance(data, dict) and "prompts" in data:
             if set(data) != {"prompts"}:
-                extra = sorted(set(data) - {"prompts"})[0]
+                extra = min(set(data) - {"prompts"})
                 raise ConfigError(f"{path}: {extra}: unknown key (a prompts file holds `prompts:` only)")
             data, base = data["prompts"], "prompts"
         return parse_prompts(data, origin, base)

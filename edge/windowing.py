@@ -25,8 +25,8 @@ class Windower:
             # Gaps between windows would leave audio unheard; a field recorder should never do that silently.
             raise ValueError(f"hop {hop_s} s is longer than the window {window_s} s: audio between windows is lost")
         self.sample_rate = int(sample_rate)
-        self.window = int(round(window_s * sample_rate))
-        self.hop = int(round(hop_s * sample_rate))
+        self.window = round(window_s * sample_rate)
+        self.hop = round(hop_s * sample_rate)
         self._buf = np.zeros(0, dtype=np.float32)
         self._buf_start = 0  # absolute sample index of _buf[0]
         self._next = 0  # absolute start of the next window

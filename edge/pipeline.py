@@ -1,0 +1,135 @@
+"""One window of audio in, events out: the pipeline both `infer` and the daemon run.
+
+samples (any rate, mono) -> activity gate -> front end (resample, fbank, normalise: numpy) -> audio encoder
+(onnxruntime) -> LLM engine (llama.cpp: the audio prefix decoded once, then every due prompt) -> events.
+Every number the device needs (rates, fbank, prompt pieces, token ids) comes from the bundle's manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge.bundle import Bundle, load_bundle
+from edge.encoder import AudioEncoder
+from edge.events import Event, WindowInfo
+from edge.frontend import AudioFrontEnd
+from edge.llm import EngineOptions, LlmEngine, Prompt
+from edge.prompts import PromptSpec
+from edge.spec import FbankSpec
+from edge.windowing import ActivityGate
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WindowResult:
+    events: list[Event]
+    gated: bool  # True when the activity gate skipped the window (no model work, no events)
+    timings: dict = field(default_factory=dict)
+    embedding: np.ndarray | None = None  # mean of the window's audio embeddings (for similarity search)
+
+
+def _engine_prompt(p: PromptSpec) -> Prompt:
+    return Prompt(id=p.id, kind=p.kind, question=p.text, labels=tuple(p.labels),
+                  max_new_tokens=p.max_tokens if p.kind in ("open", "caption") else None)
+
+
+def _count_value(text: str):
+    m = re.search(r"\d+", text)
+    return int(m.group()) if m else None
+
+
+class Pipeline:
+    def __init__(self, bundle: Bundle, encoder: AudioEncoder, llm: LlmEngine, prompts: list[PromptSpec], *,
+                 device_id: str, gate: ActivityGate | None = None):
+        audio = bundle.section("audio")
+        self.bundle = bundle
+        self.encoder = encoder
+        self.llm = llm
+        self.device_id = device_id
+        self.gate = gate or ActivityGate(None)
+        self.frontend = AudioFrontEnd(FbankSpec.from_dict(audio["fbank"]), float(audio["clip_seconds"]))
+        self.sample_rate = int(audio["sample_rate"])
+        self.clip_seconds = float(audio["clip_seconds"])
+        self.windows_processed = 0
+        self.set_prompts(prompts)
+        self.info = {
+            "bundle_id": bundle.bundle_id,
+            "quantization": llm.model_type,
+            "encoder_provider": encoder.provider,
+            "encoder_precision": encoder.precision,
+            "llm_offload": "all" if llm.n_gpu_layers < 0 else str(llm.n_gpu_layers),
+        }
+
+    def set_prompts(self, prompts: list[PromptSpec]) -> None:
+        """Replace the prompt list (SIGHUP). Engine prompts are validated up front, so a bad list changes nothing."""
+        self._engine_prompts = {p: _engine_prompt(p) for p in prompts}
+        self.prompts = list(prompts)
+
+    def _model_info(self) -> dict:
+        return {k: self.info[k] for k in ("bundle_id", "quantization", "encoder_provider", "encoder_precision")}
+
+    def process(self, samples: np.ndarray, sample_rate: int, window: WindowInfo, source: str,
+                prompts: list[PromptSpec] | None = None) -> WindowResult:
+        """Run the due prompts on one window. `prompts` overrides the list for this window (a scheduler that sheds
+        load passes a subset)."""
+        t0 = time.perf_counter()
+        if not self.gate.passes(samples):
+            return WindowResult(events=[], gated=True, timings={"total": (time.perf_counter() - t0) * 1e3})
+        features = self.frontend.features(samples, sample_rate, name=source)
+        t1 = time.perf_counter()
+        embeddings = self.encoder.encode(features)[0]
+        t2 = time.perf_counter()
+        due = [p for p in (self.prompts if prompts is None else prompts) if p.due(window.index)]
+        events = []
+        llm_ms = 0.0
+        if due:
+            llm_ms += self.llm.set_audio(embeddings)
+            for spec in due:
+                answer = self.llm.ask(self._engine_prompts.get(spec) or _engine_prompt(spec))
+                llm_ms += answer.timings.total_ms
+                events.append(self._event(spec, answer, window, source))
+        t3 = time.perf_counter()
+        timings = {"frontend": (t1 - t0) * 1e3, "encoder": (t2 - t1) * 1e3, "llm": llm_ms, "total": (t3 - t0) * 1e3}
+        for e in events:
+            e.timing_ms = dict(timings)
+        self.windows_processed += 1
+        return WindowResult(events=events, gated=False, timings=timings, embedding=embeddings.mean(axis=0))
+
+    def _event(self, spec: PromptSpec, answer, window: WindowInfo, source: str) -> Event:
+        score, positive = answer.score, None
+        text = answer.text.strip()
+        if spec.kind == "yes_no":
+            positive = score >= spec.threshold
+            value = "Yes" if positive else "No"
+        elif spec.kind == "label":
+            value = text
+            positive = score is not None and score >= spec.threshold
+        elif spec.kind == "count":
+            value = _count_value(text)
+        else:
+            value = text
+        return Event(device_id=self.device_id, source=source, window=window, prompt_id=spec.id, kind=spec.kind,
+                     answer=value, score=score, positive=positive, model=self._model_info(), timing_ms={},
+                     question=spec.text)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def open_pipeline(bundle_dir: Path, prompts: list[PromptSpec], *, device_id: str, provider: str = "auto",
+                  precision: str = "fp32", quantization: str | None = None, n_gpu_layers: int | None = None,
+                  state_dir: Path | None = None, verify: str = "full", gate_dbfs: float | None = None,
+                  lora_scale: float | None = None, threads: int = 0) -> Pipeline:
+    """Load and check the bundle, open the encoder and the LLM (both warmed up), ready for `process`."""
+    bundle = load_bundle(Path(bundle_dir), verify=verify)
+    encoder = AudioEncoder(bundle, precision=precision, provider=provider, state_dir=state_dir, threads=threads)
+    llm = LlmEngine.from_bundle(bundle, EngineOptions(model_type=quantization, n_gpu_layers=n_gpu_layers,
+                                                       lora_scale=lora_scale))
+    return Pipeline(bundle, encoder, llm, prompts, device_id=device_id, gate=ActivityGate(gate_dbfs))
