@@ -126,10 +126,10 @@ class Pipeline:
 def open_pipeline(bundle_dir: Path, prompts: list[PromptSpec], *, device_id: str, provider: str = "auto",
                   precision: str = "fp32", quantization: str | None = None, n_gpu_layers: int | None = None,
                   state_dir: Path | None = None, verify: str = "full", gate_dbfs: float | None = None,
-                  lora_scale: float | None = None, threads: int = 0) -> Pipeline:
+                  lora_scale: float | None = None, threads: int = 0, llm_threads: int | None = None) -> Pipeline:
     """Load and check the bundle, open the encoder and the LLM (both warmed up), ready for `process`."""
     bundle = load_bundle(Path(bundle_dir), verify=verify)
     encoder = AudioEncoder(bundle, precision=precision, provider=provider, state_dir=state_dir, threads=threads)
     llm = LlmEngine.from_bundle(bundle, EngineOptions(model_type=quantization, n_gpu_layers=n_gpu_layers,
-                                                       lora_scale=lora_scale))
+                                                       lora_scale=lora_scale, n_threads=llm_threads))
     return Pipeline(bundle, encoder, llm, prompts, device_id=device_id, gate=ActivityGate(gate_dbfs))

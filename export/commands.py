@@ -34,6 +34,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=cmd_tiny_model)
     _register_export(sub)
+    _register_build(sub)
 
 
 # --- export (audio encoder to ONNX) -------------------------------------------------------------------------------
@@ -70,3 +71,52 @@ def _register_export(sub) -> None:
                    help="comma-separated precisions out of fp32,fp16,int8 (default: all three)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_export)
+
+
+# --- build (export + quantize into one bundle) ----------------------------------------------------------------------
+
+def cmd_build(args: argparse.Namespace) -> int:
+    require_workstation()
+    from edge.bundle import load_bundle
+    from export.onnx_export import export_bundle, parse_precisions
+    from quantize.build import build_llm_bundle, parse_types
+
+    out = Path(args.out)
+    precisions = parse_precisions(args.precision)
+    types = parse_types(args.type)  # checked before the minutes-long export starts
+    export_bundle(Path(args.naturelm), out, precisions=precisions, progress=not args.no_progress)
+    build_llm_bundle(naturelm_dir=Path(args.naturelm), llama_dir=Path(args.llama), out_dir=out, types=types,
+                     lora_mode=args.lora, merging_alpha=args.merging_alpha, n_ctx=args.n_ctx,
+                     quality=not args.no_quality, threads=args.threads, progress=not args.no_progress)
+    bundle = load_bundle(out)  # what the device will do first: every file's size and sha256
+    size = sum(info["size"] for info in bundle.manifest["files"].values())
+    print(f"bundle {bundle.bundle_id} ready in {out} ({len(bundle.manifest['files'])} files, {size / 2**20:.1f} MiB): "
+          f"encoders {', '.join(precisions)}; LLM {', '.join(types)} (LoRA {args.lora})")
+    return 0
+
+
+def _register_build(sub) -> None:
+    p = sub.add_parser(
+        "build",
+        help="export + quantize: make a complete model bundle for the device in one step",
+        description=(
+            "Run `export` (audio side to ONNX, verified) and `quantize` (Llama + LoRA to GGUF, with a quality report) "
+            "into one bundle directory, then open it the way the device does (manifest, sizes, sha256)."
+        ),
+    )
+    p.add_argument("--naturelm", required=True, metavar="DIR", help="NatureLM directory (config.json + model.safetensors)")
+    p.add_argument("--llama", required=True, metavar="DIR", help="Hugging Face Llama-3.1-8B-Instruct directory")
+    p.add_argument("--out", required=True, metavar="BUNDLE_DIR", help="bundle directory (created or added to)")
+    p.add_argument("--type", default="Q4_K_M", metavar="TYPES",
+                   help="comma-separated LLM types (Q4_K_M, Q5_K_M, Q6_K, Q8_0, F16, F32); the first is the default")
+    p.add_argument("--precision", default="fp32,int8", metavar="LIST",
+                   help="audio encoder precisions out of fp32,fp16,int8 (default fp32,int8)")
+    p.add_argument("--lora", choices=["merge", "adapter"], default="merge",
+                   help="merge the LoRA into the weights, or keep it as an adapter scaled at run time")
+    p.add_argument("--merging-alpha", type=float, default=1.0, help="LoRA scale (default 1.0; 0.7-0.8 for terse "
+                   "structured answers, as the authors suggest)")
+    p.add_argument("--n-ctx", type=int, default=1024, help="the device's context size in tokens (default 1024)")
+    p.add_argument("--threads", type=int, default=0, help="threads for quantizing and the quality report (0: all)")
+    p.add_argument("--no-quality", action="store_true", help="skip the LLM quality report")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_build)

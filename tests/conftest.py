@@ -100,3 +100,22 @@ def mqtt_broker_factory(tmp_path):
     yield make
     for b in brokers:
         b.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_full_bundle(tiny_bundle, tiny_llm_bundle, tmp_path_factory) -> Path:
+    """One bundle with both sides of the tiny model (what `naturelm-edge build` makes): the audio encoders of
+    tiny_bundle and the LLMs of tiny_llm_bundle, joined with the bundle's own update_manifest. Read-only."""
+    import json
+    import shutil
+
+    from edge.bundle import update_manifest
+
+    out = tmp_path_factory.mktemp("tiny_full") / "bundle"
+    shutil.copytree(tiny_bundle, out)
+    llm = json.loads((tiny_llm_bundle / "manifest.json").read_text())
+    files = sorted(llm["files"])
+    for name in files:
+        shutil.copy2(tiny_llm_bundle / name, out / name)
+    update_manifest(out, "llm", llm["llm"], files=files, tools=llm.get("tools"), source=llm.get("source"))
+    return out

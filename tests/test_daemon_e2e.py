@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import sqlite3
@@ -33,33 +32,9 @@ PROMPTS = [
     {"id": "individuals", "kind": "count", "text": "How many individuals are calling?"},
 ]
 
-try:
-    import edge.pipeline  # noqa: F401
-    HAVE_PIPELINE = True
-except ImportError as e:
-    HAVE_PIPELINE = False
-    WHY = f"edge.pipeline is not importable ({e})"
-
-pytestmark = pytest.mark.skipif(not HAVE_PIPELINE, reason=WHY if not HAVE_PIPELINE else "")
-
-
 @pytest.fixture(scope="module")
-def daemon_bundle(tiny_bundle, tiny_llm_bundle, tmp_path_factory) -> Path:
-    """One bundle with both sides of the tiny model: the session fixtures build the audio encoder (tiny_bundle) and
-    the LLM (tiny_llm_bundle) into separate directories; merged here with the bundle's own update_manifest."""
-    from edge.bundle import update_manifest
-
-    audio = json.loads((tiny_bundle / "manifest.json").read_text())
-    if "llm" in audio:
-        return tiny_bundle
-    out = tmp_path_factory.mktemp("daemon_bundle") / "bundle"
-    shutil.copytree(tiny_bundle, out)
-    llm = json.loads((tiny_llm_bundle / "manifest.json").read_text())
-    files = sorted(llm["files"])
-    for name in files:
-        shutil.copy2(tiny_llm_bundle / name, out / name)
-    update_manifest(out, "llm", llm["llm"], files=files, tools=llm.get("tools"), source=llm.get("source"))
-    return out
+def daemon_bundle(tiny_full_bundle) -> Path:
+    return tiny_full_bundle
 
 
 def _wav(path: Path, seconds: float, silent_from: float | None = None, sr: int = 22050) -> Path:
