@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import jsonschema
+from mqtt_broker import Subscriber
 
 from edge.events import load_schema
-from mqtt_broker import Subscriber
 
 
 def _demo(*args):
