@@ -2,10 +2,10 @@
 
 It does what NatureLM's processor and BEATs' preprocess do together, in their order: mono by averaging channels,
 resampling to the model rate, truncation to the clip length, right zero-padding, clamping to [-1, 1], Kaldi log-mel
-fbank, fixed normalisation. One step departs from the reference: it resamples with torchaudio's short windowed sinc,
-which already rolls off above 6 kHz and lets 8-9 kHz back in as aliases, while the device uses libsoxr ("HQ"), flat
-to 7.4 kHz and alias-free. For input not at the model rate the top mel bins therefore differ from the reference's
-(up to ~0.5 normalised units on broadband noise); below 6 kHz they agree closely. tests/test_frontend.py measures it.
+fbank, fixed normalisation. Resampling uses the reference's own filter (edge/resample.py: torchaudio's windowed
+sinc, ported to numpy), because the model was trained on what that filter lets through; `resampler="soxr"` (libsoxr
+"HQ": flatter to 7.4 kHz, alias-free) is the alternative, and the fallback for non-integer rates.
+tests/test_frontend.py measures both against the reference.
 
 Bad input is reported as an AudioError with a one-line message naming the problem and, where the caller gives one,
 the source; a clip too short for even one fbank frame is refused rather than padded into a silent clip.
@@ -21,13 +21,14 @@ import soxr
 
 from edge.errors import AudioError
 from edge.fbank import fbank_features
-from edge.spec import FbankSpec
+from edge.resample import sinc_resample
+from edge.spec import RESAMPLER, FbankSpec, ResamplerSpec
 
 __all__ = ["AudioFrontEnd"]
 
 logger = logging.getLogger(__name__)
 
-# Past the clip's end, keep this much input before resampling. soxr's filters reach a few milliseconds; anything
+# Past the clip's end, keep this much input before resampling. The filters reach a few milliseconds; anything
 # further out cannot change the samples that survive truncation, and a long recording is not resampled in full.
 _RESAMPLE_MARGIN_SECONDS = 1.0
 
@@ -52,7 +53,17 @@ class AudioFrontEnd:
     parameters is still fed what its encoder expects.
     """
 
-    def __init__(self, spec: FbankSpec, clip_seconds: float):
+    RESAMPLERS = ("sinc", "soxr")
+
+    def __init__(self, spec: FbankSpec, clip_seconds: float, resampler: str = "sinc",
+                 sinc: ResamplerSpec = RESAMPLER):
+        if resampler not in self.RESAMPLERS:
+            raise ValueError(f"resampler must be one of {', '.join(self.RESAMPLERS)}, got {resampler!r}")
+        if sinc.kind != "windowed_sinc":
+            raise ValueError(f"unknown resampler kind {sinc.kind!r} (this naturelm-edge knows windowed_sinc)")
+        self.resampler = resampler
+        self.sinc = sinc
+        self._warned_fractional = False
         if not (isinstance(clip_seconds, (int, float)) and math.isfinite(clip_seconds) and clip_seconds > 0):
             raise ValueError(f"clip_seconds must be a positive number, got {clip_seconds!r}")
         self.spec = spec
@@ -116,7 +127,15 @@ class AudioFrontEnd:
 
     def _resample(self, mono: np.ndarray, rate: float, name: str | None) -> np.ndarray:
         if rate != self.spec.sample_rate:
-            mono = soxr.resample(mono, rate, self.spec.sample_rate, quality="HQ")
+            if self.resampler == "sinc" and rate == int(rate):
+                mono = sinc_resample(mono, int(rate), self.spec.sample_rate, self.sinc.lowpass_filter_width,
+                                     self.sinc.rolloff)
+            else:
+                if self.resampler == "sinc" and not self._warned_fractional:
+                    logger.warning("sample rate %s Hz is not an integer: resampling with soxr instead of the "
+                                   "reference's sinc filter (features above 6 kHz differ slightly)", rate)
+                    self._warned_fractional = True
+                mono = soxr.resample(mono, rate, self.spec.sample_rate, quality="HQ")
         if mono.shape[0] < self.min_samples:
             sr = self.spec.sample_rate
             minimum = self.min_samples / sr

@@ -21,7 +21,7 @@ from edge.events import Event, WindowInfo
 from edge.frontend import AudioFrontEnd
 from edge.llm import EngineOptions, LlmEngine, Prompt
 from edge.prompts import PromptSpec
-from edge.spec import FbankSpec
+from edge.spec import FbankSpec, ResamplerSpec
 from edge.windowing import ActivityGate
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,9 @@ class Pipeline:
         self.llm = llm
         self.device_id = device_id
         self.gate = gate or ActivityGate(None)
-        self.frontend = AudioFrontEnd(FbankSpec.from_dict(audio["fbank"]), float(audio["clip_seconds"]))
+        # Bundles record the reference's resampler; one made before that field existed used the same filter.
+        sinc = ResamplerSpec.from_dict(audio["resampler"]) if "resampler" in audio else ResamplerSpec()
+        self.frontend = AudioFrontEnd(FbankSpec.from_dict(audio["fbank"]), float(audio["clip_seconds"]), sinc=sinc)
         self.sample_rate = int(audio["sample_rate"])
         self.clip_seconds = float(audio["clip_seconds"])
         self.windows_processed = 0

@@ -85,6 +85,25 @@ def audio_embeddings_per_clip(frames: int, window: int, stride: int) -> int:
 
 
 @dataclass(frozen=True)
+class ResamplerSpec:
+    """The reference resamples with torchaudio.functional.resample's defaults: a Hann-windowed sinc."""
+
+    kind: str = "windowed_sinc"
+    lowpass_filter_width: int = 6
+    rolloff: float = 0.99
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ResamplerSpec:
+        return cls(**d)
+
+
+RESAMPLER = ResamplerSpec()
+
+
+@dataclass(frozen=True)
 class PromptTemplate:
     """The exact prompt of the reference (MODEL.md). BOS is prepended as an embedding by hand; each text piece is
     tokenised on its own with no special tokens added; the audio embeddings go between `before_audio` and

@@ -33,7 +33,7 @@ import torch
 import edge
 from edge.bundle import MANIFEST, update_manifest
 from edge.errors import NatureLMEdgeError
-from edge.spec import CLIP_SAMPLES, CLIP_SECONDS, FBANK, beats_tokens, fbank_frames
+from edge.spec import CLIP_SAMPLES, CLIP_SECONDS, FBANK, RESAMPLER, beats_tokens, fbank_frames
 
 logger = logging.getLogger(__name__)
 
@@ -465,6 +465,7 @@ def export_bundle(naturelm_dir: Path, out_dir: Path, precisions=PRECISIONS, seed
             "sample_rate": FBANK.sample_rate,
             "clip_seconds": CLIP_SECONDS,
             "fbank": FBANK.to_dict(),
+            "resampler": RESAMPLER.to_dict(),
             "frames": frames,
             "mel_bins": mel,
             "embeddings_per_clip": per_clip,
