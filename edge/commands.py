@@ -5,12 +5,13 @@ from __future__ import annotations
 
 def register(sub) -> None:
     """Adds the device-side subcommands to the CLI."""
-    from edge import demo, infer
+    from edge import demo, doctor, infer
 
     demo.register(sub)
     infer.register(sub)
     _register_build_engine(sub)
     _register_daemon(sub)
+    doctor.register(sub)
 
 
 # --- build-engine (audio encoder) ---------------------------------------------------------------------------------

@@ -22,12 +22,12 @@ from pathlib import Path
 import yaml
 
 from edge.errors import ConfigError
-from edge.prompts import load_prompts
+from edge.prompts import key_text, load_prompts
 
 __all__ = [
-    "BundleConfig", "Config", "FileConfig", "HealthConfig", "MicConfig", "MqttConfig", "OutboxConfig", "Secret",
-    "SourceConfig", "StdinConfig", "StoreConfig", "TlsConfig", "WatchdogConfig", "WindowingConfig", "load_config",
-    "read_mqtt_password", "restart_needed",
+    "BundleConfig", "Config", "FileConfig", "HealthConfig", "LoadConfig", "MicConfig", "MqttConfig", "OutboxConfig",
+    "PrivacyConfig", "SchedulingConfig", "Secret", "SourceConfig", "StdinConfig", "StoreConfig", "ThermalConfig",
+    "TlsConfig", "WatchdogConfig", "WindowingConfig", "load_config", "read_mqtt_password", "restart_needed",
 ]
 
 PROVIDERS = ("auto", "tensorrt", "cuda", "cpu")
@@ -36,6 +36,8 @@ VERIFY = ("full", "size", "none")
 SOURCE_TYPES = ("mic", "file", "stdin")
 SAMPLE_FORMATS = ("s16le", "s32le", "f32le")
 DEFAULT_STATE_DIR = "/var/lib/naturelm-edge"
+#: Linux thermal zones (on a Jetson: cpu, gpu, soc and tj, the junction maximum), in millidegrees Celsius.
+DEFAULT_THERMAL_ZONES = ("/sys/class/thermal/thermal_zone*/temp",)
 # device_id and prefix end up in MQTT topic names: no wildcards, no separators, nothing a shell or HA would mangle.
 _TOPIC_WORD = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}(/[A-Za-z0-9_.-]{1,64})*$")
@@ -68,6 +70,8 @@ class BundleConfig:
     quantization: str | None = None  # None: the bundle's default LLM file
     n_gpu_layers: int | None = None  # None: the engine's default (all layers where a GPU is present)
     verify: str = "full"
+    llm_threads: int | None = None  # llama.cpp CPU threads; None: every core this process may use
+    encoder_threads: int = 0  # onnxruntime intra-op threads; 0: one per physical core
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,47 @@ class WatchdogConfig:
 
 
 @dataclass(frozen=True)
+class ThermalConfig:
+    """Shed low-priority prompts while the hottest zone is at or above `shed_above_c`; resume below `resume_below_c`."""
+
+    enabled: bool = True
+    zones: tuple = DEFAULT_THERMAL_ZONES  # globs of files holding millidegrees Celsius (or of zone directories)
+    shed_above_c: float = 85.0
+    resume_below_c: float = 75.0
+    interval_s: float = 5.0  # how often the zones are read
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """Shed while inference falls behind real time: `shed_pending` windows waiting, or a recent real-time factor of
+    `shed_rtf`; resume when both are back at or under their resume values. Only for paced sources (a microphone, a file
+    in real time): an unpaced source waits for the model and cannot fall behind."""
+
+    enabled: bool = True
+    shed_rtf: float = 1.0
+    resume_rtf: float = 0.7
+    shed_pending: int = 3
+    resume_pending: int = 0
+
+
+@dataclass(frozen=True)
+class SchedulingConfig:
+    thermal: ThermalConfig = field(default_factory=ThermalConfig)
+    load: LoadConfig = field(default_factory=LoadConfig)
+    shed_step_s: float = 10.0  # at least this long between two steps of shedding (one priority level each)
+    resume_step_s: float = 60.0  # at least this long after any step before one level is resumed
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """A yes_no prompt (e.g. "Is there human speech?") whose positive answer keeps the window's clip and embedding off
+    the disk and, with withhold_events, the window's other events off the network."""
+
+    prompt_id: str | None = None
+    withhold_events: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     device_id: str
@@ -189,6 +234,8 @@ class Config:
     embeddings: StoreConfig
     state_dir: Path
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def summary(self) -> str:
         """One paragraph for `check-config` and the start-up log; never a secret."""
@@ -205,6 +252,8 @@ class Config:
             f"{', '.join(p.id for p in self.prompts)}; mqtt {'tls' if m.tls else 'tcp'}://{m.host}:{m.port} "
             f"prefix {m.prefix!r} ({auth}); outbox {self.outbox.path}; state {self.state_dir}; clips "
             f"{'on' if self.clips.enabled else 'off'}; embeddings {'on' if self.embeddings.enabled else 'off'}"
+            + (f"; privacy prompt {self.privacy.prompt_id}" + (" (withholds events)" if self.privacy.withhold_events
+                                                                else "") if self.privacy.prompt_id else "")
         )
 
 
@@ -219,6 +268,12 @@ def _construct_mapping(loader, node, deep=False):
     seen = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:  # `? [a, b]`: YAML allows a list as a key, a Python dict does not
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a {type(key).__name__} cannot be a key (line {key_node.start_mark.line + 1})",
+                key_node.start_mark) from None
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark)
@@ -230,8 +285,19 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 
 
 def _show(value) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's digit limit for str()
+        text = f"<{type(value).__name__} too large to show>"
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _finite(v) -> bool:
+    """math.isfinite that takes any int (YAML gives Python ints of any size; float() of a huge one overflows)."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 class _Section:
@@ -247,7 +313,8 @@ class _Section:
         self.used: set = set()
 
     def key(self, name) -> str:
-        return f"{self.path}.{name}" if self.path else str(name)
+        name = key_text(name)
+        return f"{self.path}.{name}" if self.path else name
 
     def error(self, name, message: str) -> ConfigError:
         where = self.key(name) if name is not None else (self.path or "top level")
@@ -311,7 +378,7 @@ class _Section:
             return None
         low = f"> {lo:g}" if lo_open else f">= {lo:g}"
         rng = low if hi is None else (f"{low} and <= {hi:g}" if lo_open else f"{lo:g}..{hi:g}")
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v)
         if ok:
             ok = (v > lo if lo_open else v >= lo) and (hi is None or v <= hi)
         if not ok:
@@ -327,9 +394,9 @@ class _Section:
         if m:
             unit = (m.group(2) or "").upper()
             power = "KMGT".index(unit) + 1 if unit else 0
-            n = int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
-            if n > 0:
-                return n
+            value = float(m.group(1)) * (1024 if m.group(3) else 1000) ** power
+            if 1 <= value < 2 ** 63:  # float() of 400 digits is inf, and int(inf) raises
+                return int(value)
         raise self.error(name, f"must be a positive size in bytes (e.g. 67108864, '64MiB' or '2GB'), got {_show(v)}")
 
     def path_value(self, name: str, default=_REQUIRED, must_exist: str | None = None) -> Path | None:
@@ -367,6 +434,8 @@ def _bundle(s: _Section) -> BundleConfig:
         quantization=s.string("quantization", None),
         n_gpu_layers=s.integer("n_gpu_layers", -1, 10000, None),
         verify=s.choice("verify", VERIFY, "full"),
+        llm_threads=s.integer("llm_threads", 1, 1024, None),
+        encoder_threads=s.integer("encoder_threads", 0, 1024, 0),
     )
     s.done()
     return b
@@ -496,6 +565,10 @@ def load_config(path, env=None) -> Config:
         where = f"line {mark.line + 1}: " if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).strip().splitlines()[-1]
         raise ConfigError(f"{origin}: not valid YAML: {where}{problem}") from None
+    except ValueError as e:  # PyYAML's int() of a number with more digits than Python converts
+        raise ConfigError(f"{origin}: not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{origin}: not valid YAML: nested too deeply") from None
     base_dir = path.resolve().parent
     top = _Section(origin, data, "", base_dir)
 
@@ -537,17 +610,82 @@ def load_config(path, env=None) -> Config:
     w = top.sub("watchdog") or _Section(origin, {}, "watchdog", base_dir)
     watchdog = WatchdogConfig(enabled=w.boolean("enabled", True))
     w.done()
+    scheduling = _scheduling(top.sub("scheduling") or _Section(origin, {}, "scheduling", base_dir))
+    privacy = _privacy(top.sub("privacy") or _Section(origin, {}, "privacy", base_dir), prompts)
     top.done()
 
     cfg = Config(path=path, device_id=device_id, bundle=bundle, source=source, windowing=windowing,
                  prompts=prompts, mqtt=mqtt, outbox=outbox, health=health, clips=clips, embeddings=embeddings,
-                 state_dir=state_dir, watchdog=watchdog)
+                 state_dir=state_dir, watchdog=watchdog, scheduling=scheduling, privacy=privacy)
+    return cfg
+
+
+def _globs(s: _Section, name: str, default: tuple) -> tuple:
+    v = s.raw(name, default)
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, (list, tuple)) or not items or not all(isinstance(x, str) and x.strip() for x in items):
+        raise s.error(name, f"must be a path or glob, or a list of them, got {_show(v)}")
+    out = []
+    for x in items:
+        p = os.path.expanduser(x.strip())
+        out.append(p if os.path.isabs(p) else str(s.base_dir / p))
+    return tuple(out)
+
+
+def _scheduling(s: _Section) -> SchedulingConfig:
+    t = s.sub("thermal") or _Section(s.origin, {}, s.key("thermal"), s.base_dir)
+    shed_c = t.number("shed_above_c", -50.0, 200.0, 85.0)
+    resume_c = t.number("resume_below_c", -50.0, 200.0, 75.0)
+    if resume_c >= shed_c:
+        # Equal thresholds would switch a prompt on and off with every reading near the limit.
+        raise t.error("resume_below_c", f"must be below shed_above_c ({shed_c:g}) so that shedding has hysteresis, "
+                                        f"got {resume_c:g}")
+    thermal = ThermalConfig(enabled=t.boolean("enabled", True), zones=_globs(t, "zones", DEFAULT_THERMAL_ZONES),
+                            shed_above_c=shed_c, resume_below_c=resume_c,
+                            interval_s=t.number("interval_s", 0.0, 3600, 5.0))
+    t.done()
+    ld = s.sub("load") or _Section(s.origin, {}, s.key("load"), s.base_dir)
+    shed_rtf = ld.number("shed_rtf", 0.0, 1000, 1.0, lo_open=True)
+    resume_rtf = ld.number("resume_rtf", 0.0, 1000, 0.7)
+    if resume_rtf >= shed_rtf:
+        raise ld.error("resume_rtf", f"must be below shed_rtf ({shed_rtf:g}) so that shedding has hysteresis, "
+                                     f"got {resume_rtf:g}")
+    shed_pending = ld.integer("shed_pending", 1, 1000, 3)
+    resume_pending = ld.integer("resume_pending", 0, 1000, 0)
+    if resume_pending >= shed_pending:
+        raise ld.error("resume_pending", f"must be below shed_pending ({shed_pending}) so that shedding has "
+                                         f"hysteresis, got {resume_pending}")
+    load = LoadConfig(enabled=ld.boolean("enabled", True), shed_rtf=shed_rtf, resume_rtf=resume_rtf,
+                      shed_pending=shed_pending, resume_pending=resume_pending)
+    ld.done()
+    cfg = SchedulingConfig(thermal=thermal, load=load, shed_step_s=s.number("shed_step_s", 0.0, 86400, 10.0),
+                           resume_step_s=s.number("resume_step_s", 0.0, 86400, 60.0))
+    s.done()
+    return cfg
+
+
+def _privacy(s: _Section, prompts: tuple) -> PrivacyConfig:
+    pid = s.string("prompt_id", None)
+    if pid is not None:
+        spec = next((p for p in prompts if p.id == pid), None)
+        if spec is None:
+            raise s.error("prompt_id", f"names no prompt (prompts: {', '.join(p.id for p in prompts)}), got {pid!r}")
+        if spec.kind != "yes_no":
+            raise s.error("prompt_id", f"must name a yes_no prompt; {pid!r} is a {spec.kind} prompt")
+        # The privacy answer is needed on every window that could save a clip: no gaps in its asking.
+        if spec.every_n_windows != 1 or spec.active_hours:
+            raise s.error("prompt_id", f"prompt {pid!r} must be asked on every window (every_n_windows 1, no "
+                                       "active_hours): a window it skips could save a clip of what it guards")
+    cfg = PrivacyConfig(prompt_id=pid, withhold_events=s.boolean("withhold_events", False))
+    if cfg.withhold_events and pid is None:
+        raise s.error("withhold_events", "needs privacy.prompt_id")
+    s.done()
     return cfg
 
 
 def restart_needed(old: Config, new: Config) -> list[str]:
     """Sections that differ between two configs and only take effect after a restart."""
-    live = {"prompts", "windowing", "path"}
+    live = {"prompts", "windowing", "path", "scheduling", "privacy"}
     changed = []
     for f in fields(Config):
         if f.name in live:

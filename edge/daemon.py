@@ -5,8 +5,10 @@ Threads, not processes (one model in memory, shared counters, no IPC):
   audio      the PortAudio callback (or a file/stdin reader) copies blocks into the RingBuffer, nothing else
   main       cuts windows out of the ring (WindowScheduler), pings the systemd watchdog, publishes health,
              handles signals
-  inference  takes the oldest pending window, runs the pipeline, saves clips and embeddings, stores the events
-             in the outbox (which gives them their seq)
+  inference  takes the oldest pending window, asks the PromptScheduler which prompts it gets (active hours; the
+             lowest priorities shed while the device is hot or behind real time: edge/scheduler.py), runs the
+             pipeline, applies the privacy prompt, saves clips and embeddings, stores the events in the outbox (which
+             gives them their seq)
   mqtt       paho's network loop with reconnects (edge/mqtt.py)
   drainer    outbox -> MQTT, deleting each event once the broker acknowledged it (edge/drainer.py)
 
@@ -15,7 +17,12 @@ within the watchdog interval *and* the inference worker completed a window withi
 pending), so a dead microphone or a hung model stops the pings and systemd restarts the service. A timer thread that
 pinged regardless would only prove that Python still runs. SIGTERM: STOPPING=1, finish the window in hand, give the
 broker a few seconds to take what the outbox holds, publish `stopped`. SIGHUP: re-read the config and apply the
-prompt list and the gate threshold without reloading the bundle.
+prompt list, the gate threshold, the scheduling thresholds and the privacy settings without reloading the bundle.
+
+Privacy: when `privacy.prompt_id` names a yes_no prompt, a window it answers Yes for saves no clip and no embedding
+(an embedding of speech is still speech, to whoever has the encoder), and with `privacy.withhold_events` only the
+privacy prompt's own event of that window is published. A window on which it gave no answer is treated as positive:
+the failure mode is a missing clip, never a saved conversation.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from edge.health import WindowCounters, build_health, health_line
 from edge.mqtt import OFFLINE, STOPPED, MqttLink
 from edge.outbox import Outbox
 from edge.ringbuffer import RingBuffer, WindowScheduler
+from edge.scheduler import PromptScheduler
 from edge.sources import AudioSource, make_source
 from edge.stores import ClipStore, EmbeddingStore
 from edge.systemd_notify import Notifier
@@ -52,7 +60,8 @@ def _open_pipeline_default(cfg: Config):
     b = cfg.bundle
     return open_pipeline(b.path, list(cfg.prompts), device_id=cfg.device_id, provider=b.provider,
                          precision=b.encoder_precision, quantization=b.quantization, n_gpu_layers=b.n_gpu_layers,
-                         state_dir=cfg.state_dir, verify=b.verify, gate_dbfs=cfg.windowing.gate_dbfs)
+                         state_dir=cfg.state_dir, verify=b.verify, gate_dbfs=cfg.windowing.gate_dbfs,
+                         threads=b.encoder_threads, llm_threads=b.llm_threads)
 
 
 #: Test hook: tests replace this with a factory (cfg) -> pipeline when no real bundle is at hand.
@@ -71,6 +80,8 @@ class Daemon:
         self.ring: RingBuffer | None = None
         self.scheduler: WindowScheduler | None = None
         self.counters = WindowCounters(cfg.windowing.hop_s)
+        self.prompt_scheduler = PromptScheduler(cfg.scheduling, cfg.windowing.hop_s, cfg.privacy.prompt_id)
+        self.privacy_counts = {"windows": 0, "clips_withheld": 0, "embeddings_withheld": 0, "events_withheld": 0}
         self.stores: dict = {}
         self._worker: threading.Thread | None = None
         self._watchdog_withheld: str | None = None
@@ -161,36 +172,79 @@ class Daemon:
             if self._stop.is_set():  # taken just as the stop came: left, like the other pending windows
                 break
             self.counters.started()
+            t0 = time.monotonic()
             try:
+                self._window(w)
+            finally:
+                self.prompt_scheduler.window_done(time.monotonic() - t0)
+
+    def _window(self, w) -> None:
+        cfg = self.cfg
+        plan = self.prompt_scheduler.plan(cfg.prompts, w.info, pending=self.scheduler.pending(),
+                                          paced=self.source.paced)
+        if not plan.prompts and "embeddings" not in self.stores:
+            # Every prompt is outside its active hours: nothing to ask, so no model work at all.
+            self.counters.finished(ok=True, idle=True)
+            return
+        try:
+            if plan.full:
                 result = self.pipeline.process(w.samples, w.sample_rate, w.info, self.source.name)
-            except NatureLMEdgeError as e:
-                logger.warning("window %d (%.1f s) failed: %s", w.info.index, w.info.offset_s, e)
-                self.counters.finished(ok=False)
-                continue
-            except Exception:
-                logger.exception("window %d (%.1f s) failed", w.info.index, w.info.offset_s)
-                self.counters.finished(ok=False)
-                continue
-            events = list(result.events)
-            clips = self.stores.get("clips")
-            if clips is not None and any(e.positive for e in events):
+            else:
+                result = self.pipeline.process(w.samples, w.sample_rate, w.info, self.source.name,
+                                               prompts=plan.prompts)
+        except NatureLMEdgeError as e:
+            logger.warning("window %d (%.1f s) failed: %s", w.info.index, w.info.offset_s, e)
+            self.counters.finished(ok=False)
+            return
+        except Exception:
+            logger.exception("window %d (%.1f s) failed", w.info.index, w.info.offset_s)
+            self.counters.finished(ok=False)
+            return
+        events = list(result.events)
+        private = self._private(events, result)
+        # A clip is for a detection; the privacy prompt's own Yes is not one.
+        wants_clip = any(e.positive for e in events if e.prompt_id != cfg.privacy.prompt_id)
+        if private and cfg.privacy.withhold_events:
+            kept = [e for e in events if e.prompt_id == cfg.privacy.prompt_id]
+            self.privacy_counts["events_withheld"] += len(events) - len(kept)
+            events = kept
+        clips = self.stores.get("clips")
+        if clips is not None and wants_clip:
+            if private:
+                self.privacy_counts["clips_withheld"] += 1
+            else:
                 path = clips.save(w.samples, w.sample_rate, w.info)
                 if path is not None:
                     for e in events:
                         e.clip = str(path)
-            emb = self.stores.get("embeddings")
-            if emb is not None and getattr(result, "embedding", None) is not None:
+        emb = self.stores.get("embeddings")
+        if emb is not None and getattr(result, "embedding", None) is not None:
+            if private:
+                self.privacy_counts["embeddings_withheld"] += 1
+            else:
                 emb.save(result.embedding, w.info, self.source.name)
-            try:
-                self.outbox.add(events)
-            except Exception:
-                # The disk is full or failing: these events are lost, but the recorder goes on.
-                logger.exception("cannot store %d event(s) of window %d in the outbox", len(events), w.info.index)
-                self.counters.finished(ok=False)
-                continue
-            self.counters.finished(ok=True, gated=bool(result.gated), events=len(events))
-            logger.debug("window %d at %.1f s: %s, %d event(s)", w.info.index, w.info.offset_s,
-                         "gated" if result.gated else "processed", len(events))
+        try:
+            self.outbox.add(events)
+        except Exception:
+            # The disk is full or failing: these events are lost, but the recorder goes on.
+            logger.exception("cannot store %d event(s) of window %d in the outbox", len(events), w.info.index)
+            self.counters.finished(ok=False)
+            return
+        self.counters.finished(ok=True, gated=bool(result.gated), events=len(events))
+        logger.debug("window %d at %.1f s: %s, %d event(s)%s", w.info.index, w.info.offset_s,
+                     "gated" if result.gated else "processed", len(events),
+                     f", shed {', '.join(plan.shed)}" if plan.shed else "")
+
+    def _private(self, events: list, result) -> bool:
+        """The privacy prompt flagged this window (or, having run the model, gave no answer: fail closed)."""
+        pid = self.cfg.privacy.prompt_id
+        if pid is None or result.gated:
+            return False
+        answer = next((e for e in events if e.prompt_id == pid), None)
+        private = answer is None or bool(answer.positive)
+        if private:
+            self.privacy_counts["windows"] += 1
+        return private
 
     # --- watchdog, health, reload ---------------------------------------------------------------------------------
 
@@ -224,7 +278,9 @@ class Daemon:
                             rtf=self.counters.take_rtf(), scheduler=self.scheduler, ring=self.ring,
                             source=self.source, outbox=self.outbox, drainer=self.drainer, link=self.link,
                             model=dict(self.pipeline.info) if self.pipeline is not None else {},
-                            state_dir=self.cfg.state_dir, stores=self.stores)
+                            state_dir=self.cfg.state_dir, stores=self.stores,
+                            scheduling=self.prompt_scheduler.health(),
+                            privacy=dict(self.privacy_counts) if self.cfg.privacy.prompt_id else None)
 
     def _publish_health(self) -> None:
         h = self.health()
@@ -244,8 +300,10 @@ class Daemon:
             logger.error("reload refused, keeping the running prompts: %s", e)
             return
         self._apply_gate(new.windowing.gate_dbfs)
+        self.prompt_scheduler.configure(new.scheduling, new.privacy.prompt_id)
         self.cfg = replace(self.cfg, prompts=new.prompts,
-                           windowing=replace(self.cfg.windowing, gate_dbfs=new.windowing.gate_dbfs))
+                           windowing=replace(self.cfg.windowing, gate_dbfs=new.windowing.gate_dbfs),
+                           scheduling=new.scheduling, privacy=new.privacy)
         self.link.set_discovery(self.cfg.prompts)
         logger.info("reloaded %s: %d prompt(s) (%s), gate %s", self.cfg.path, len(new.prompts),
                     ", ".join(p.id for p in new.prompts),

@@ -28,6 +28,18 @@ __all__ = ["AudioFrontEnd"]
 
 logger = logging.getLogger(__name__)
 
+#: Sample rates the front end takes. Below 1 kHz there is nothing of the 0-8 kHz band the model hears; far above, the
+#: rate is a mistake (a value in mHz, a frame count), and a resampling ratio of millions would allocate gigabytes.
+MIN_RATE_HZ = 1000
+MAX_RATE_HZ = 1_000_000
+#: Samples beyond this magnitude (full scale is 1) are clipped to it on the way in: garbage either way, and float32
+#: sums of them (the channel mean, the resampler's taps) would overflow to inf and then NaN. Nothing audio-like is
+#: changed: the clip is clamped to [-1, 1] anyway, after resampling.
+_MAX_ABS_SAMPLE = 1e6
+#: The sinc resampler's polyphase kernel has (orig + 2 * reach) x new entries for the reduced ratio orig:new; a rate
+#: that reduces to nothing small (44101:16000) would need gigabytes. Such rates go to soxr, as non-integer rates do.
+_SINC_MAX_KERNEL = 4_000_000
+
 # Past the clip's end, keep this much input before resampling. The filters reach a few milliseconds; anything
 # further out cannot change the samples that survive truncation, and a long recording is not resampled in full.
 _RESAMPLE_MARGIN_SECONDS = 1.0
@@ -81,15 +93,27 @@ class AudioFrontEnd:
 
     def _check_rate(self, sample_rate, name: str | None) -> float:
         ok = isinstance(sample_rate, (int, float, np.integer, np.floating)) and not isinstance(sample_rate, bool)
-        if not ok or not math.isfinite(sample_rate) or sample_rate <= 0:
-            of = f" of{_source(name)}" if name is not None else ""
-            raise AudioError(f"sample rate{of} is {sample_rate!r}; it must be a positive number of Hz")
-        return float(sample_rate)
+        of = f" of{_source(name)}" if name is not None else ""
+        if ok:
+            try:
+                rate = float(sample_rate)
+            except OverflowError:  # an int beyond float's range
+                rate = math.inf
+        if not ok or not math.isfinite(rate) or rate <= 0:
+            shown = repr(sample_rate) if len(repr(sample_rate)) <= 40 else repr(sample_rate)[:37] + "..."
+            raise AudioError(f"sample rate{of} is {shown}; it must be a positive number of Hz")
+        if not MIN_RATE_HZ <= rate <= MAX_RATE_HZ:
+            raise AudioError(f"sample rate{of} is {rate:g} Hz; the front end takes {MIN_RATE_HZ} Hz to "
+                             f"{MAX_RATE_HZ / 1e6:g} MHz")
+        return rate
 
     def _as_mono(self, audio, name: str | None) -> np.ndarray:
         """Validated mono float32 samples, non-finite samples zeroed."""
         src = _source(name)
-        x = np.asarray(audio)
+        try:
+            x = np.asarray(audio)
+        except (ValueError, TypeError) as e:  # a ragged list, or something that is not an array at all
+            raise AudioError(f"audio{src} is not an array of samples ({str(e).splitlines()[0]})") from None
         if x.ndim not in (1, 2):
             raise AudioError(
                 f"audio{src} has {x.ndim} dimensions (shape {x.shape}); expected (samples,) or (samples, channels)"
@@ -103,9 +127,11 @@ class AudioFrontEnd:
                 "expected channels last, (samples, channels)"
             )
 
-        if np.issubdtype(x.dtype, np.floating):
-            x = x.astype(np.float32, copy=False)
-        elif np.issubdtype(x.dtype, np.signedinteger):
+        # By kind, not by subtype: numpy files timedelta64 under signedinteger.
+        if x.dtype.kind == "f":
+            with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: counted just below
+                x = x.astype(np.float32, copy=False)
+        elif x.dtype.kind == "i":
             # Integer PCM is full scale at 2**(bits - 1), as soundfile reads it into floats.
             x = x.astype(np.float32) / float(2 ** (8 * x.dtype.itemsize - 1))
         elif x.dtype == np.uint8:
@@ -120,6 +146,10 @@ class AudioFrontEnd:
         if num_bad:
             logger.warning("audio%s: replaced %d NaN or infinite samples (of %d) with 0", src, num_bad, x.size)
             x = np.where(bad, np.float32(0.0), x)
+        if float(np.max(np.abs(x))) > _MAX_ABS_SAMPLE:
+            logger.warning("audio%s: samples up to %.3g clipped to %g (full scale is 1)", src,
+                           float(np.max(np.abs(x))), _MAX_ABS_SAMPLE)
+            x = np.clip(x, -_MAX_ABS_SAMPLE, _MAX_ABS_SAMPLE)  # a copy: never the caller's array
 
         if x.ndim == 2:
             x = x.mean(axis=1, dtype=np.float32) if x.shape[1] > 1 else x[:, 0]
@@ -127,13 +157,14 @@ class AudioFrontEnd:
 
     def _resample(self, mono: np.ndarray, rate: float, name: str | None) -> np.ndarray:
         if rate != self.spec.sample_rate:
-            if self.resampler == "sinc" and rate == int(rate):
+            if self.resampler == "sinc" and rate == int(rate) and self._sinc_fits(int(rate)):
                 mono = sinc_resample(mono, int(rate), self.spec.sample_rate, self.sinc.lowpass_filter_width,
                                      self.sinc.rolloff)
             else:
                 if self.resampler == "sinc" and not self._warned_fractional:
-                    logger.warning("sample rate %s Hz is not an integer: resampling with soxr instead of the "
-                                   "reference's sinc filter (features above 6 kHz differ slightly)", rate)
+                    why = "is not an integer" if rate != int(rate) else "has no small ratio to the model rate"
+                    logger.warning("sample rate %s Hz %s: resampling with soxr instead of the reference's sinc "
+                                   "filter (features above 6 kHz differ slightly)", rate, why)
                     self._warned_fractional = True
                 mono = soxr.resample(mono, rate, self.spec.sample_rate, quality="HQ")
         if mono.shape[0] < self.min_samples:
@@ -144,6 +175,12 @@ class AudioFrontEnd:
                 f"{minimum:.3f} s (one {self.spec.frame_length_ms:g} ms fbank frame)"
             )
         return np.asarray(mono, dtype=np.float32)
+
+    def _sinc_fits(self, rate: int) -> bool:
+        g = math.gcd(rate, self.spec.sample_rate)
+        orig, new = rate // g, self.spec.sample_rate // g
+        reach = math.ceil(self.sinc.lowpass_filter_width * orig / (min(orig, new) * self.sinc.rolloff))
+        return (orig + 2 * reach) * new <= _SINC_MAX_KERNEL
 
     def to_model_rate(self, audio: np.ndarray, sample_rate: int, name: str | None = None) -> np.ndarray:
         """Mono float32 samples at the model rate, (N,), from (N,) or (N, channels) audio at `sample_rate`.

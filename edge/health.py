@@ -65,6 +65,7 @@ class WindowCounters:
         self._lock = threading.Lock()
         self.processed = 0
         self.gated = 0
+        self.idle = 0  # windows with no prompt to ask (all outside their active hours): no model work
         self.failed = 0
         self.events = 0
         self.busy_since: float | None = None  # monotonic start of the window being processed
@@ -75,7 +76,7 @@ class WindowCounters:
     def started(self) -> None:
         self.busy_since = time.monotonic()
 
-    def finished(self, ok: bool, gated: bool = False, events: int = 0) -> None:
+    def finished(self, ok: bool, gated: bool = False, events: int = 0, idle: bool = False) -> None:
         now = time.monotonic()
         with self._lock:
             if self.busy_since is not None:
@@ -85,6 +86,7 @@ class WindowCounters:
             if ok:
                 self.processed += 1
                 self.gated += int(gated)
+                self.idle += int(idle)
                 self.events += events
                 self.last_done = now
             else:
@@ -101,7 +103,9 @@ class WindowCounters:
 
 def build_health(*, device_id: str, started_monotonic: float, counters: WindowCounters, rtf: float | None,
                  scheduler, ring, source, outbox, drainer, link, model: dict, state_dir: Path,
-                 stores: dict) -> dict:
+                 stores: dict, scheduling: dict | None = None, privacy: dict | None = None) -> dict:
+    """The health report. `scheduling`: PromptScheduler.health() (shed level, skips per prompt id); `privacy`: counts of
+    windows the privacy prompt flagged and of what was withheld because of them."""
     temps = read_temperatures()
     src = source.health() if source is not None else {}
     return {
@@ -112,6 +116,7 @@ def build_health(*, device_id: str, started_monotonic: float, counters: WindowCo
         "rtf": rtf,
         "windows_processed": counters.processed,
         "windows_gated": counters.gated,
+        "windows_idle": counters.idle,
         "windows_failed": counters.failed,
         "windows_dropped": scheduler.windows_dropped if scheduler is not None else 0,
         "windows_pending": scheduler.pending() if scheduler is not None else 0,
@@ -133,6 +138,8 @@ def build_health(*, device_id: str, started_monotonic: float, counters: WindowCo
         "disk_free_bytes": disk_free(state_dir),
         "rss_bytes": rss_bytes(),
         **{f"{name}_saved": store.saved for name, store in stores.items()},
+        **({"scheduling": scheduling} if scheduling is not None else {}),
+        **({"privacy": privacy} if privacy is not None else {}),
     }
 
 
@@ -142,8 +149,12 @@ def health_line(h: dict) -> str:
     temp = "" if h["temperature_max_c"] is None else f", max temp {h['temperature_max_c']:.0f} C"
     free = "" if h["disk_free_bytes"] is None else f", disk free {h['disk_free_bytes'] / 2**30:.1f} GiB"
     rss = "" if h["rss_bytes"] is None else f", rss {h['rss_bytes'] / 2**20:.0f} MiB"
+    sched = h.get("scheduling") or {}
+    shed = f", shedding {','.join(sched['shed'])} ({sched['reason']})" if sched.get("level") else ""
+    priv = h.get("privacy") or {}
+    private = f", privacy windows {priv['windows']}" if priv.get("windows") else ""
     return (f"health: up {h['uptime_s']:.0f} s, rtf {rtf}, windows {h['windows_processed']} "
             f"(gated {h['windows_gated']}, dropped {h['windows_dropped']}, failed {h['windows_failed']}), "
             f"overruns {h['overruns']}, source gaps {h['source_gaps']} ({h['source_gap_s']:.1f} s), "
             f"outbox {h['outbox_depth']} (dropped {h['outbox_dropped']}), published {h['events_published']}"
-            f"{temp}{free}{rss}")
+            f"{temp}{free}{rss}{shed}{private}")

@@ -57,7 +57,10 @@ def test_example_config_validates(tmp_path):
     cfg = load_config(_write(tmp_path, text))
     assert cfg.device_id == "recorder-01"
     assert cfg.source.type == "mic" and cfg.source.mic.device == "USB"
-    assert [p.id for p in cfg.prompts] == ["crow", "species", "caption"]
+    assert [p.id for p in cfg.prompts] == ["crow", "species", "owl", "speech", "caption"]
+    assert cfg.prompts[2].active_hours == ((20 * 60, 6 * 60),)
+    assert cfg.privacy.prompt_id == "speech" and cfg.privacy.withhold_events
+    assert cfg.scheduling.thermal.shed_above_c == 85 and cfg.scheduling.load.shed_pending == 3
     assert cfg.mqtt.port == 8883 and cfg.mqtt.tls.ca == tmp_path / "ca.crt"
     assert cfg.mqtt.password_credential == "mqtt-password"
     assert cfg.outbox.max_bytes == 64 * 2**20 and cfg.outbox.path == tmp_path / "outbox.sqlite3"

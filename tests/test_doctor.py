@@ -1,0 +1,141 @@
+"""`naturelm-edge doctor`: every check named, PASS/WARN/FAIL/SKIP with a reason, exit 1 when one fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edge import doctor
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKS = ["python", "board", "config", "onnxruntime", "llama.cpp", "microphone", "broker", "bundle", "memory", "disk",
+          "clock", "thermal"]
+
+
+def _doctor(*args, env=None) -> subprocess.CompletedProcess:
+    full = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "edge.cli", "doctor", *args], capture_output=True, text=True,
+                          env=full, timeout=120, check=False)
+
+
+def _config(tmp_path: Path, bundle: Path, port: int, **over) -> Path:
+    zone = tmp_path / "zone"
+    zone.mkdir(exist_ok=True)
+    (zone / "temp").write_text("47500\n")
+    (tmp_path / "a.wav").write_bytes(b"RIFF")
+    cfg = {"device_id": "rec-doc", "state_dir": str(tmp_path / "state"),
+           "bundle": {"path": str(bundle), "provider": "cpu"},
+           "source": {"type": "file", "file": {"path": "a.wav"}},
+           "prompts": [{"id": "crow", "kind": "yes_no", "text": "Crow?"}],
+           "mqtt": {"host": "127.0.0.1", "port": port},
+           "scheduling": {"thermal": {"zones": str(zone / "temp")}}}
+    cfg.update(over)
+    path = tmp_path / "daemon.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _lines(out: str) -> dict[str, tuple[str, str]]:
+    got = {}
+    for line in out.splitlines()[1:-1]:
+        status, name, detail = line[:4].strip(), line[6:18].strip(), line[19:]
+        got[name] = (status, detail)
+    return got
+
+
+def test_doctor_passes_with_a_good_config_bundle_and_broker(tiny_full_bundle, mqtt_broker, tmp_path):
+    r = _doctor("--config", str(_config(tmp_path, tiny_full_bundle, mqtt_broker.port)))
+    lines = _lines(r.stdout)
+    assert list(lines) == CHECKS, r.stdout
+    assert all(s in ("PASS", "WARN", "FAIL", "SKIP") and d for s, d in lines.values())
+    assert lines["config"][0] == "PASS"
+    assert lines["broker"][0] == "PASS" and f"mqtt://127.0.0.1:{mqtt_broker.port}: connected" in lines["broker"][1]
+    assert lines["bundle"][0] == "PASS" and "sizes and sha256 match" in lines["bundle"][1]
+    assert lines["memory"][0] == "PASS" and "the bundle needs" in lines["memory"][1]
+    assert lines["thermal"] == ("PASS", "1 zone(s), hottest " + str(tmp_path / "zone" / "temp") +
+                                " 47.5 C; shedding at 85 C")
+    failed = [n for n, (s, _) in lines.items() if s == "FAIL"]
+    assert r.returncode == (1 if failed else 0), r.stdout
+    assert r.stdout.splitlines()[-1].endswith(f"{len(failed)} failed, 0 skipped")
+
+
+def test_doctor_fails_on_a_broken_bundle_and_an_absent_broker(tiny_full_bundle, tmp_path):
+    from mqtt_broker import free_port
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_full_bundle, bundle)
+    gguf = next(bundle.glob("llm-*.gguf"))
+    with open(gguf, "r+b") as f:  # same size, different bytes: only the sha256 can tell
+        f.seek(1000)
+        f.write(b"\xff" * 16)
+    r = _doctor("--config", str(_config(tmp_path, bundle, free_port())), "--json")
+    report = json.loads(r.stdout)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert r.returncode == 1 and not report["ok"]
+    assert checks["bundle"]["status"] == "FAIL" and f"{gguf}: sha256" in checks["bundle"]["detail"]
+    assert checks["broker"]["status"] == "FAIL" and "cannot connect" in checks["broker"]["detail"]
+    assert checks["memory"]["status"] == "PASS"  # no bundle to compare with: only the machine's figures
+
+
+def test_doctor_without_arguments_names_what_it_skips():
+    r = _doctor()
+    lines = _lines(r.stdout)
+    assert list(lines) == CHECKS
+    assert lines["config"] == ("SKIP", "no --config given")
+    assert lines["broker"][0] == "SKIP" and lines["bundle"][0] == "SKIP"
+    assert r.returncode == (1 if any(s == "FAIL" for s, _ in lines.values()) else 0)
+
+
+def test_bad_config_is_a_failed_check(tmp_path):
+    (tmp_path / "daemon.yaml").write_text("device_id: x\nmqtt: {port: abc}\n")
+    r = _doctor("--config", str(tmp_path / "daemon.yaml"))
+    lines = _lines(r.stdout)
+    assert r.returncode == 1
+    assert lines["config"][0] == "FAIL" and "daemon.yaml: bundle: missing (required section)" in lines["config"][1]
+
+
+def test_clock_check():
+    assert doctor.check_clock(datetime(2021, 5, 1, tzinfo=timezone.utc), lambda: ("yes", "t")).status == "FAIL"
+    assert doctor.check_clock(datetime(2026, 5, 1, tzinfo=timezone.utc), lambda: ("yes", "t")).status == "PASS"
+    c = doctor.check_clock(datetime(2026, 5, 1, tzinfo=timezone.utc), lambda: ("no", "timedatectl"))
+    assert c.status == "WARN" and "NTP not synchronised" in c.detail
+    c = doctor.check_clock(datetime(2026, 5, 1, tzinfo=timezone.utc), lambda: (None, "timedatectl not found"))
+    assert c.status == "WARN" and "cannot tell" in c.detail
+
+
+@pytest.mark.parametrize("stdout, rc, expected", [("yes\n", 0, "yes"), ("no\n", 0, "no"), ("", 1, None)])
+def test_ntp_status_reads_timedatectl(monkeypatch, stdout, rc, expected):
+    monkeypatch.setattr(doctor.shutil, "which", lambda name: "/usr/bin/timedatectl")
+    done = subprocess.CompletedProcess([], rc, stdout=stdout, stderr="Failed to connect to bus")
+    assert doctor.ntp_status(run=lambda *a, **k: done)[0] == expected
+
+
+def test_jetson_detection(monkeypatch, tmp_path):
+    release = tmp_path / "nv_tegra_release"
+    release.write_text("# R36 (release), REVISION: 4.0, GCID: 37537400, BOARD: generic, EABI: aarch64, DATE: x\n")
+    real = Path.read_text
+
+    def fake(self, *a, **k):
+        if str(self) == "/etc/nv_tegra_release":
+            return real(release, *a, **k)
+        if str(self) == "/proc/device-tree/model":
+            return "NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super\x00"
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "read_text", fake)
+    info = doctor.jetson_info()
+    assert info == "NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super, L4T R36.4.0"
+    assert doctor.check_board(info).status == "PASS"
+    # On a Jetson, a CPU-only onnxruntime is a failure, not a warning.
+    c = doctor.check_providers(info, None)
+    assert c.status in ("PASS", "FAIL")
+    if "CUDA no" in c.detail and "TensorRT no" in c.detail:
+        assert c.status == "FAIL" and "onnxruntime-gpu" in c.detail
