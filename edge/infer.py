@@ -13,7 +13,7 @@ import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from edge.audio_io import probe, read_blocks
+from edge.audio_io import AudioInfo, probe, read_blocks
 from edge.errors import AudioError, ConfigError
 from edge.events import WindowInfo
 from edge.outputs import csv_table, jsonl, raven_table, save_embeddings
@@ -25,18 +25,17 @@ logger = logging.getLogger(__name__)
 FORMATS = ("jsonl", "raven", "csv")
 
 
-def file_start_time(path: Path) -> datetime:
+def file_start_time(path: Path, info: AudioInfo) -> datetime:
     """Recordings carry no reliable capture clock; the file's modification time is when it was closed, so its first
     sample is that minus the duration. Good enough to order windows in wall-clock time; offsets are exact."""
-    info = probe(path)
     mtime = datetime.fromtimestamp(path.stat().st_mtime, tz=timezone.utc)
     return mtime - timedelta(seconds=info.seconds)
 
 
-def iter_windows(path: Path, window_s: float, hop_s: float):
+def iter_windows(path: Path, window_s: float, hop_s: float, info: AudioInfo | None = None):
     """(samples, sample_rate, WindowInfo) for every window of a file, the padded tail included."""
-    info = probe(path)
-    start = file_start_time(path)
+    info = info or probe(path)
+    start = file_start_time(path, info)
     windower = Windower(window_s, hop_s, info.sample_rate)
     index = 0
 
@@ -77,7 +76,7 @@ def run_infer(args) -> int:
                 total = window_count(info.frames, round(args.window * info.sample_rate),
                                      round(args.hop * info.sample_rate))
                 bar = tqdm(total=total, unit="win", desc=path.name, disable=args.no_progress, file=sys.stderr)
-                for samples, rate, window in iter_windows(path, args.window, args.hop):
+                for samples, rate, window in iter_windows(path, args.window, args.hop, info):
                     result = pipeline.process(samples, rate, window, source=str(path))
                     for e in result.events:
                         e.seq = seq
