@@ -255,6 +255,9 @@ class AudioEncoder:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = self.threads
+        # onnxruntime's worker threads spin for a while after each run by default; on the device the LLM runs right
+        # after the encoder on the same cores, and spinning threads would steal them (and battery) for nothing.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = self._provider_list(name, available)
         if name == "tensorrt":
             logger.info("audio encoder: TensorRT engine cache %s (a first build takes minutes)", self.engine_cache_dir)
