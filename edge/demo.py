@@ -18,6 +18,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from edge.cli_util import workstation_missing
 from edge.errors import NatureLMEdgeError
 
 logger = logging.getLogger(__name__)
@@ -51,12 +52,10 @@ def ensure_demo_bundle(root: Path, progress: bool = True) -> Path:
     done = bundle / ".complete"
     if done.exists():
         return bundle
-    try:
-        import torch  # noqa: F401
-    except ImportError:
+    if workstation_missing():
         raise NatureLMEdgeError(
             f"no demo bundle in {bundle} yet, and building one needs the workstation extra: "
-            "pip install 'naturelm-edge[export]' (or pass --bundle DIR with a bundle built elsewhere)") from None
+            "pip install 'naturelm-edge[export]' (or pass --bundle DIR with a bundle built elsewhere)")
     import shutil
 
     from export.onnx_export import export_bundle
