@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from edge.errors import ConfigError
+from edge.errors import ConfigError, show_value
 from edge.prompts import key_text, load_prompts
 
 __all__ = [
@@ -284,14 +284,6 @@ def _construct_mapping(loader, node, deep=False):
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def _show(value) -> str:
-    try:
-        text = repr(value)
-    except ValueError:  # an int beyond Python's digit limit for str()
-        text = f"<{type(value).__name__} too large to show>"
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _finite(v) -> bool:
     """math.isfinite that takes any int (YAML gives Python ints of any size; float() of a huge one overflows)."""
     try:
@@ -308,7 +300,7 @@ class _Section:
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise self.error(None, f"must be a mapping, got {_show(data)}")
+            raise self.error(None, f"must be a mapping, got {show_value(data)}")
         self.data = data
         self.used: set = set()
 
@@ -346,21 +338,21 @@ class _Section:
         if v is default and default is not _REQUIRED:
             return v
         if not isinstance(v, str) or not v.strip():
-            raise self.error(name, f"must be a non-empty string, got {_show(v)}")
+            raise self.error(name, f"must be a non-empty string, got {show_value(v)}")
         if pattern is not None and not pattern.match(v):
-            raise self.error(name, f"{hint}, got {_show(v)}")
+            raise self.error(name, f"{hint}, got {show_value(v)}")
         return v
 
     def choice(self, name: str, options: tuple, default=_REQUIRED):
         v = self.raw(name, default)
         if v not in options:
-            raise self.error(name, f"must be one of {', '.join(options)}, got {_show(v)}")
+            raise self.error(name, f"must be one of {', '.join(options)}, got {show_value(v)}")
         return v
 
     def boolean(self, name: str, default=_REQUIRED) -> bool:
         v = self.raw(name, default)
         if not isinstance(v, bool):
-            raise self.error(name, f"must be true or false, got {_show(v)}")
+            raise self.error(name, f"must be true or false, got {show_value(v)}")
         return v
 
     def integer(self, name: str, lo: int, hi: int | None = None, default=_REQUIRED):
@@ -369,7 +361,7 @@ class _Section:
             return None
         rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
         if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
-            raise self.error(name, f"must be an integer {rng}, got {_show(v)}")
+            raise self.error(name, f"must be an integer {rng}, got {show_value(v)}")
         return v
 
     def number(self, name: str, lo: float, hi: float | None = None, default=_REQUIRED, lo_open: bool = False):
@@ -382,7 +374,7 @@ class _Section:
         if ok:
             ok = (v > lo if lo_open else v >= lo) and (hi is None or v <= hi)
         if not ok:
-            raise self.error(name, f"must be a number {rng}, got {_show(v)}")
+            raise self.error(name, f"must be a number {rng}, got {show_value(v)}")
         return float(v)
 
     def size(self, name: str, default=_REQUIRED) -> int:
@@ -397,7 +389,7 @@ class _Section:
             value = float(m.group(1)) * (1024 if m.group(3) else 1000) ** power
             if 1 <= value < 2 ** 63:  # float() of 400 digits is inf, and int(inf) raises
                 return int(value)
-        raise self.error(name, f"must be a positive size in bytes (e.g. 67108864, '64MiB' or '2GB'), got {_show(v)}")
+        raise self.error(name, f"must be a positive size in bytes (e.g. 67108864, '64MiB' or '2GB'), got {show_value(v)}")
 
     def path_value(self, name: str, default=_REQUIRED, must_exist: str | None = None) -> Path | None:
         v = self.raw(name, default)
@@ -408,7 +400,7 @@ class _Section:
         elif isinstance(v, str) and v.strip():
             p = Path(os.path.expanduser(v.strip()))
         else:
-            raise self.error(name, f"must be a path, got {_show(v)}")
+            raise self.error(name, f"must be a path, got {show_value(v)}")
         if not p.is_absolute():
             p = self.base_dir / p
         if must_exist == "file" and not p.is_file():
@@ -445,7 +437,7 @@ def _mic(sub: _Section) -> MicConfig:
     dev = sub.raw("device", None)
     bad = isinstance(dev, bool) or not isinstance(dev, (str, int, type(None)))
     if bad or (isinstance(dev, str) and not dev.strip()) or (isinstance(dev, int) and dev < 0):
-        raise sub.error("device", f"must be a device name (substring) or an index >= 0, got {_show(dev)}")
+        raise sub.error("device", f"must be a device name (substring) or an index >= 0, got {show_value(dev)}")
     return MicConfig(device=dev, samplerate=sub.integer("samplerate", 1000, 768000, None),
                      channels=sub.integer("channels", 1, 64, 1), block_s=sub.number("block_s", 0.005, 1.0, 0.1))
 
@@ -593,7 +585,7 @@ def load_config(path, env=None) -> Config:
     elif isinstance(raw_prompts, list):
         prompts = tuple(load_prompts(raw_prompts, origin, base="prompts"))
     else:
-        raise top.error("prompts", f"must be a path to a prompts file or a list of prompts, got {_show(raw_prompts)}")
+        raise top.error("prompts", f"must be a path to a prompts file or a list of prompts, got {show_value(raw_prompts)}")
 
     mqtt = _mqtt(top.sub("mqtt", required=True))
 
@@ -624,7 +616,7 @@ def _globs(s: _Section, name: str, default: tuple) -> tuple:
     v = s.raw(name, default)
     items = [v] if isinstance(v, str) else v
     if not isinstance(items, (list, tuple)) or not items or not all(isinstance(x, str) and x.strip() for x in items):
-        raise s.error(name, f"must be a path or glob, or a list of them, got {_show(v)}")
+        raise s.error(name, f"must be a path or glob, or a list of them, got {show_value(v)}")
     out = []
     for x in items:
         p = os.path.expanduser(x.strip())

@@ -28,3 +28,12 @@ class BundleError(NatureLMEdgeError):
 
 class ProviderError(NatureLMEdgeError):
     """An inference provider (TensorRT, CUDA) that was asked for and is not available."""
+
+
+def show_value(value) -> str:
+    """A user's value as error messages quote it: repr, cut to 60 characters (a message stays one readable line)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's digit limit for str()
+        text = f"<{type(value).__name__} too large to show>"
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from edge.errors import ConfigError
+from edge.errors import ConfigError, show_value
 
 KINDS = ("yes_no", "label", "open", "caption", "count")
 _ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -87,29 +87,21 @@ def parse_active_hours(value, origin: str, where: str) -> tuple:
     items = [value] if isinstance(value, str) else value
     hint = "must be 'HH:MM-HH:MM' (e.g. '20:00-06:00'; local time) or a list of them"
     if not isinstance(items, list) or not items:
-        raise _err(origin, where, f"{hint}, got {_show(value)}")
+        raise _err(origin, where, f"{hint}, got {show_value(value)}")
     ranges = []
     for i, item in enumerate(items):
         at = where if isinstance(value, str) else f"{where}[{i}]"
         parts = item.split("-") if isinstance(item, str) else []
         if len(parts) != 2:
-            raise _err(origin, at, f"{hint}, got {_show(item)}")
+            raise _err(origin, at, f"{hint}, got {show_value(item)}")
         start, end = _minute(parts[0], allow_24=False), _minute(parts[1], allow_24=True)
         if start is None or end is None:
-            raise _err(origin, at, f"{hint}; hours 00-23 (24:00 only as an end), minutes 00-59, got {_show(item)}")
+            raise _err(origin, at, f"{hint}; hours 00-23 (24:00 only as an end), minutes 00-59, got {show_value(item)}")
         if start == end % 1440:
             raise _err(origin, at, f"{item.strip()!r} is empty or the whole day; leave active_hours out to ask "
                                    "all day")
         ranges.append((start, end))
     return tuple(ranges)
-
-
-def _show(value) -> str:
-    try:
-        text = repr(value)
-    except ValueError:  # an int beyond Python's digit limit for str()
-        text = f"<{type(value).__name__} too large to show>"
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 _PLAIN_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -118,7 +110,7 @@ _PLAIN_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 def key_text(key) -> str:
     """A mapping key as it goes into a key path: plain words as they are, anything else (a newline, a space, a
     number, null) quoted, so that the message stays one line and says exactly which key."""
-    return key if isinstance(key, str) and _PLAIN_KEY.match(key) else _show(key)
+    return key if isinstance(key, str) and _PLAIN_KEY.match(key) else show_value(key)
 
 
 def _err(origin: str, path: str, msg: str) -> ConfigError:
@@ -137,11 +129,11 @@ def _parse_one(item, i: int, origin: str, base: str) -> PromptSpec:
         if key not in item:
             raise _err(origin, f"{where}.{key}", "missing")
         if not isinstance(item[key], str) or not item[key].strip():
-            raise _err(origin, f"{where}.{key}", f"must be a non-empty string, got {_show(item[key])}")
+            raise _err(origin, f"{where}.{key}", f"must be a non-empty string, got {show_value(item[key])}")
     if not _ID_RE.match(item["id"]):
         raise _err(origin, f"{where}.id", f"{item['id']!r} must be 1-64 letters, digits, '_', '.' or '-'")
     if item["kind"] not in KINDS:
-        raise _err(origin, f"{where}.kind", f"must be one of {', '.join(KINDS)}, got {_show(item['kind'])}")
+        raise _err(origin, f"{where}.kind", f"must be one of {', '.join(KINDS)}, got {show_value(item['kind'])}")
     labels = item.get("labels", [])
     if not isinstance(labels, list) or not all(isinstance(x, str) and x.strip() for x in labels):
         raise _err(origin, f"{where}.labels", "must be a list of non-empty strings")
@@ -153,7 +145,7 @@ def _parse_one(item, i: int, origin: str, base: str) -> PromptSpec:
         raise _err(origin, f"{where}.labels", "labels must be unique")
     threshold = item.get("threshold", 0.5)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
-        raise _err(origin, f"{where}.threshold", f"must be a number in [0, 1], got {_show(threshold)}")
+        raise _err(origin, f"{where}.threshold", f"must be a number in [0, 1], got {show_value(threshold)}")
     ints = {}
     for key, default, lo, hi in (("every_n_windows", 1, 1, 100000), ("max_tokens", 48, 1, 1024),
                                  ("priority", None, -1000, 1000)):
@@ -162,7 +154,7 @@ def _parse_one(item, i: int, origin: str, base: str) -> PromptSpec:
             ints[key] = None  # the kind's default (DEFAULT_PRIORITY)
             continue
         if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise _err(origin, f"{where}.{key}", f"must be an integer in {lo}..{hi}, got {_show(v)}")
+            raise _err(origin, f"{where}.{key}", f"must be an integer in {lo}..{hi}, got {show_value(v)}")
         ints[key] = v
     hours = item.get("active_hours")
     active = () if hours is None else parse_active_hours(hours, origin, f"{where}.active_hours")
