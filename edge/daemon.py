@@ -36,6 +36,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from edge.config import Config, load_config, read_mqtt_password, restart_needed
+from edge.degraded import DegradedState
 from edge.drainer import OutboxDrainer
 from edge.errors import ConfigError, NatureLMEdgeError
 from edge.health import WindowCounters, build_health, health_line
@@ -85,6 +86,8 @@ class Daemon:
         self.stores: dict = {}
         self._worker: threading.Thread | None = None
         self._watchdog_withheld: str | None = None
+        #: Problems the daemon runs on with; the retained status says `degraded` while there is any (edge/degraded.py).
+        self.degraded = DegradedState()
 
     # --- start-up ---------------------------------------------------------------------------------------------------
 
@@ -99,7 +102,7 @@ class Daemon:
             self.outbox = Outbox(cfg.outbox.path, cfg.outbox.max_bytes, cfg.outbox.max_events)
         except (OSError, sqlite3.Error) as e:
             raise ConfigError(f"{cfg.path}: outbox.path: cannot open {cfg.outbox.path} ({e})") from None
-        self.link = MqttLink(cfg.mqtt, cfg.device_id, password)
+        self.link = MqttLink(cfg.mqtt, cfg.device_id, password, degraded=self.degraded)
         self.drainer = OutboxDrainer(self.outbox, self.link, cfg.mqtt.max_inflight)
         for name, store_cls in (("clips", ClipStore), ("embeddings", EmbeddingStore)):
             store_cfg = getattr(cfg, name)
@@ -280,7 +283,8 @@ class Daemon:
                             model=dict(self.pipeline.info) if self.pipeline is not None else {},
                             state_dir=self.cfg.state_dir, stores=self.stores,
                             scheduling=self.prompt_scheduler.health(),
-                            privacy=dict(self.privacy_counts) if self.cfg.privacy.prompt_id else None)
+                            privacy=dict(self.privacy_counts) if self.cfg.privacy.prompt_id else None,
+                            degraded=self.degraded.snapshot())
 
     def _publish_health(self) -> None:
         h = self.health()

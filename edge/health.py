@@ -103,7 +103,8 @@ class WindowCounters:
 
 def build_health(*, device_id: str, started_monotonic: float, counters: WindowCounters, rtf: float | None,
                  scheduler, ring, source, outbox, drainer, link, model: dict, state_dir: Path,
-                 stores: dict, scheduling: dict | None = None, privacy: dict | None = None) -> dict:
+                 stores: dict, scheduling: dict | None = None, privacy: dict | None = None,
+                 degraded: dict | None = None) -> dict:
     """The health report. `scheduling`: PromptScheduler.health() (shed level, skips per prompt id); `privacy`: counts of
     windows the privacy prompt flagged and of what was withheld because of them."""
     temps = read_temperatures()
@@ -113,6 +114,9 @@ def build_health(*, device_id: str, started_monotonic: float, counters: WindowCo
         "device_id": device_id,
         "time": utc_iso(datetime.now(timezone.utc)),
         "uptime_s": round(time.monotonic() - started_monotonic, 1),
+        # edge/degraded.py: "online" or "degraded", and why ({key: {"reason", "since"}}).
+        "status": (degraded or {}).get("status", "online"),
+        "degraded": (degraded or {}).get("reasons", {}),
         "rtf": rtf,
         "windows_processed": counters.processed,
         "windows_gated": counters.gated,

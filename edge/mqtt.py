@@ -2,8 +2,10 @@
 acknowledgements are handed to the outbox drainer, periodic health, and optional Home Assistant discovery.
 
 Topics (`{prefix}/{device_id}/...`):
-  status   retained: `online` once connected, `offline` as the last will (the broker publishes it when the device
-           vanishes), `stopped` on a clean exit.
+  status   retained: `online` once connected, `degraded` while the daemon runs with a problem (edge/degraded.py),
+           `offline` as the last will (the broker publishes it when the device vanishes), `stopped` on a clean exit.
+  degraded retained JSON {"status", "reasons": {key: {"reason", "since"}}}: why the status is `degraded` (empty
+           reasons when it is not); republished whenever a reason is raised or cleared.
   events   one message per prompt answer, QoS 1 (edge/schemas/event.schema.json).
   health   retained, QoS 0, every health.interval_s.
 
@@ -28,6 +30,7 @@ import paho.mqtt.client as paho
 
 from edge import __version__
 from edge.config import MqttConfig, Secret
+from edge.degraded import DegradedState
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +44,16 @@ _AUTH_HINT = {
 
 
 class MqttLink:
-    def __init__(self, cfg: MqttConfig, device_id: str, password: Secret | None = None):
+    def __init__(self, cfg: MqttConfig, device_id: str, password: Secret | None = None,
+                 degraded: DegradedState | None = None):
         self.cfg = cfg
         self.device_id = device_id
         base = f"{cfg.prefix}/{device_id}"
         self.status_topic, self.events_topic, self.health_topic = f"{base}/status", f"{base}/events", f"{base}/health"
+        self.degraded_topic = f"{base}/degraded"
+        #: The daemon's degraded reasons; the status topic says `degraded` while there is any.
+        self.degraded = degraded if degraded is not None else DegradedState()
+        self.degraded.on_change = self._on_degraded_change
         self.connected = threading.Event()
         #: mids the broker acknowledged (PUBACK); filled on paho's thread, emptied by the outbox drainer.
         self.acks: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -142,7 +150,7 @@ class MqttLink:
         self.last_error = None
         logger.info("connected to MQTT broker %s as %s%s", self.where, self.cfg.client_id or
                     f"naturelm-edge-{self.device_id}", " (reconnect)" if self.connects > 1 else "")
-        client.publish(self.status_topic, ONLINE, qos=1, retain=True)
+        self._publish_status(client)
         self._send_discovery()
         self.connected.set()
         self.on_activity()
@@ -156,6 +164,23 @@ class MqttLink:
         # paho holds its own message lock here: hand the mid over, touch nothing else.
         self.acks.put(mid)
         self.on_activity()
+
+    # --- status -----------------------------------------------------------------------------------------------------
+
+    def _publish_status(self, client=None) -> None:
+        snap = self.degraded.snapshot()
+        client = client or self.client
+        client.publish(self.status_topic, snap["status"], qos=1, retain=True)
+        client.publish(self.degraded_topic, json.dumps(snap, separators=(",", ":")), qos=1, retain=True)
+
+    def _on_degraded_change(self, snapshot: dict) -> None:
+        reasons = "; ".join(f"{k}: {v['reason']}" for k, v in snapshot["reasons"].items())
+        if snapshot["status"] == ONLINE:
+            logger.info("status online: no problem left")
+        else:
+            logger.warning("status degraded: %s", reasons)
+        if self.connected.is_set() and not self._stop.is_set():
+            self._publish_status()
 
     # --- publishing -----------------------------------------------------------------------------------------------
 
@@ -191,7 +216,7 @@ class MqttLink:
         device = {"identifiers": [f"naturelm-edge-{node}"], "name": f"NatureLM {self.device_id}",
                   "manufacturer": "naturelm-edge", "model": "NatureLM-audio edge recorder", "sw_version": __version__}
         availability = [{"topic": self.status_topic,
-                         "value_template": "{{ 'online' if value == 'online' else 'offline' }}"}]
+                         "value_template": "{{ 'online' if value in ('online', 'degraded') else 'offline' }}"}]
         payloads = {}
         for key, name, unit, cls in (("uptime_s", "uptime", "s", "duration"), ("rtf", "real-time factor", None, None),
                                      ("outbox_depth", "outbox depth", None, None),
