@@ -5,13 +5,14 @@ from __future__ import annotations
 
 def register(sub) -> None:
     """Adds the device-side subcommands to the CLI."""
-    from edge import demo, doctor, infer
+    from edge import demo, doctor, infer, jetson_devices
 
     demo.register(sub)
     infer.register(sub)
     _register_build_engine(sub)
     _register_daemon(sub)
     doctor.register(sub)
+    jetson_devices.register(sub)
 
 
 # --- build-engine (audio encoder) ---------------------------------------------------------------------------------
