@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def register(sub) -> None:
     """Adds the device-side subcommands to the CLI."""
-    from edge import demo, doctor, infer, jetson_devices
+    from edge import demo, doctor, gpu_check, infer, jetson_devices
 
     demo.register(sub)
     infer.register(sub)
@@ -13,6 +13,7 @@ def register(sub) -> None:
     _register_daemon(sub)
     doctor.register(sub)
     jetson_devices.register(sub)
+    gpu_check.register(sub)
 
 
 # --- build-engine (audio encoder) ---------------------------------------------------------------------------------

@@ -72,6 +72,9 @@ class BundleConfig:
     verify: str = "full"
     llm_threads: int | None = None  # llama.cpp CPU threads; None: every core this process may use
     encoder_threads: int = 0  # onnxruntime intra-op threads; 0: one per physical core
+    # A GPU board: the model on the CPU there is `degraded` (gpu_fallback). None (auto): a Jetson, or a config that
+    # asks for a GPU provider or offloaded LLM layers (edge/gpu_check.py).
+    expect_gpu: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -428,9 +431,19 @@ def _bundle(s: _Section) -> BundleConfig:
         verify=s.choice("verify", VERIFY, "full"),
         llm_threads=s.integer("llm_threads", 1, 1024, None),
         encoder_threads=s.integer("encoder_threads", 0, 1024, 0),
+        expect_gpu=_expect_gpu(s),
     )
     s.done()
     return b
+
+
+def _expect_gpu(s: _Section) -> bool | None:
+    v = s.raw("expect_gpu", "auto")
+    if v == "auto":
+        return None
+    if isinstance(v, bool):
+        return v
+    raise s.error("expect_gpu", f"must be auto, true or false, got {show_value(v)}")
 
 
 def _mic(sub: _Section) -> MicConfig:

@@ -35,6 +35,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from edge import gpu_check
 from edge.config import Config, load_config, read_mqtt_password, restart_needed
 from edge.degraded import DegradedState
 from edge.drainer import OutboxDrainer
@@ -115,7 +116,10 @@ class Daemon:
     def _load_model(self) -> None:
         t0 = time.monotonic()
         self.notifier.status("loading the model bundle")
-        self.pipeline = _open_pipeline(self.cfg)
+        # On a GPU board a model that fails to open with the GPU is reopened on the CPU, and the GPU's absence is
+        # checked from inside this process (the unit's sandbox): either way `gpu_fallback` says why (edge/gpu_check.py).
+        self.pipeline, gpu_error = gpu_check.open_model(self.cfg, _open_pipeline)
+        gpu_check.report(self.cfg, self.pipeline.info, self.degraded, gpu_error)
         info = dict(self.pipeline.info)
         logger.info("model bundle %s loaded and warmed up in %.1f s: encoder %s/%s, LLM %s, offload %s",
                     info.get("bundle_id"), time.monotonic() - t0, info.get("encoder_provider"),
