@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except NatureLMEdgeError as e:
-        print(f"naturelm-edge: error: {e}", file=sys.stderr)
-        return 2
+        for line in e.lines():
+            print(f"naturelm-edge: error: {line}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("naturelm-edge: interrupted", file=sys.stderr)
         return 130

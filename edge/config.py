@@ -159,6 +159,8 @@ class OutboxConfig:
     path: Path
     max_bytes: int = 64 * 1024 * 1024
     max_events: int = 200_000
+    # At start, how long a write lock held by another process is waited out before the daemon exits (status 75).
+    lock_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -605,7 +607,8 @@ def load_config(path, env=None) -> Config:
     o = top.sub("outbox") or _Section(origin, {}, "outbox", base_dir)
     outbox = OutboxConfig(path=o.path_value("path", state_dir / "outbox.sqlite3"),
                           max_bytes=o.size("max_bytes", 64 * 1024 * 1024),
-                          max_events=o.integer("max_events", 10, 100_000_000, 200_000))
+                          max_events=o.integer("max_events", 10, 100_000_000, 200_000),
+                          lock_timeout_s=o.number("lock_timeout_s", 0.0, 86400, 60.0))
     o.done()
     h = top.sub("health") or _Section(origin, {}, "health", base_dir)
     health = HealthConfig(interval_s=h.number("interval_s", 0.1, 86400, 60.0))

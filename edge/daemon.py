@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import logging
 import signal
-import sqlite3
 import threading
 import time
 from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 from edge import gpu_check
@@ -40,9 +40,10 @@ from edge.config import Config, load_config, read_mqtt_password, restart_needed
 from edge.degraded import DegradedState
 from edge.drainer import OutboxDrainer
 from edge.errors import ConfigError, NatureLMEdgeError
+from edge.events import utc_iso
 from edge.health import WindowCounters, build_health, health_line
 from edge.mqtt import OFFLINE, STOPPED, MqttLink
-from edge.outbox import Outbox
+from edge.outbox import BUSY_TIMEOUT_S, LOCKED, Outbox, OutboxError
 from edge.ringbuffer import RingBuffer, WindowScheduler
 from edge.scheduler import PromptScheduler
 from edge.sources import AudioSource, make_source
@@ -54,6 +55,20 @@ logger = logging.getLogger(__name__)
 #: On SIGTERM, how long the broker gets to take what is left in the outbox (systemd's TimeoutStopSec is 90 s).
 SHUTDOWN_FLUSH_S = 10.0
 _TICK_S = 0.05
+#: Windows failing in a row before the status turns `degraded` (windows_failing): one failure is news for the log,
+#: three in a row (15 s at the default hop) is a condition a dashboard should show.
+WINDOWS_FAILING_AFTER = 3
+#: Events kept in memory while the outbox cannot be written (a full disk, a lock), stored with the first window that
+#: can write again; beyond this the oldest are dropped and counted (`events_lost`).
+MAX_HELD_EVENTS = 5000
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception as one line: our own errors are written for people; anything else gets its type."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    if isinstance(e, NatureLMEdgeError):
+        return text or type(e).__name__
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _open_pipeline_default(cfg: Config):
@@ -89,6 +104,11 @@ class Daemon:
         self._watchdog_withheld: str | None = None
         #: Problems the daemon runs on with; the retained status says `degraded` while there is any (edge/degraded.py).
         self.degraded = DegradedState()
+        self._held: list = []  # events of windows the outbox could not take yet (MAX_HELD_EVENTS)
+        self.events_lost = 0  # held events dropped beyond MAX_HELD_EVENTS, or still held at exit
+        self._failing_cause: str | None = None  # the cause of the current run of failing windows, logged once
+        self._failing_since: str | None = None
+        self._failing_reason: str | None = None
 
     # --- start-up ---------------------------------------------------------------------------------------------------
 
@@ -99,10 +119,7 @@ class Daemon:
             cfg.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"{cfg.path}: state_dir: cannot create {cfg.state_dir} ({e.strerror})") from None
-        try:
-            self.outbox = Outbox(cfg.outbox.path, cfg.outbox.max_bytes, cfg.outbox.max_events)
-        except (OSError, sqlite3.Error) as e:
-            raise ConfigError(f"{cfg.path}: outbox.path: cannot open {cfg.outbox.path} ({e})") from None
+        self.outbox = self._open_outbox()
         self.link = MqttLink(cfg.mqtt, cfg.device_id, password, degraded=self.degraded)
         self.drainer = OutboxDrainer(self.outbox, self.link, cfg.mqtt.max_inflight)
         for name, store_cls in (("clips", ClipStore), ("embeddings", EmbeddingStore)):
@@ -112,6 +129,32 @@ class Daemon:
                     self.stores[name] = store_cls(store_cfg)
                 except OSError as e:
                     raise ConfigError(f"{cfg.path}: {name}.dir: cannot use {store_cfg.dir} ({e.strerror})") from None
+
+    def _open_outbox(self) -> Outbox:
+        """The outbox, by the daemon's rule for a file it cannot use (systemd/README.md, "Exit statuses"): a write
+        lock held by another process is waited out, backing off, for up to outbox.lock_timeout_s, then the daemon
+        exits with 75; a full disk exits with 75, a read-only file system or a permission problem with 77, any other
+        I/O error with 74, each with one line naming the path and the cause. The file is never replaced (only a
+        corrupt one is, by Outbox itself), so its queued events are there on the next start."""
+        o = self.cfg.outbox
+        deadline = time.monotonic() + o.lock_timeout_s
+        first = True
+        while True:
+            # SQLite's busy handler does the waiting (it polls the lock, backing off); the first try is short, so
+            # that the log says at once what the daemon is waiting for.
+            wait = max(0.0, min(1.0 if first else BUSY_TIMEOUT_S, deadline - time.monotonic()))
+            try:
+                return Outbox(o.path, o.max_bytes, o.max_events, open_timeout_s=wait)
+            except OutboxError as e:
+                left = deadline - time.monotonic()
+                if e.kind != LOCKED:
+                    raise
+                if left <= 0 or self._stop.is_set():
+                    raise OutboxError(f"{e}; gave up after {o.lock_timeout_s:g} s (outbox.lock_timeout_s)",
+                                      LOCKED) from None
+                if first:
+                    logger.warning("%s; waiting up to %.0f s more for the lock (outbox.lock_timeout_s)", e, left)
+                first = False
 
     def _load_model(self) -> None:
         t0 = time.monotonic()
@@ -182,31 +225,78 @@ class Daemon:
             t0 = time.monotonic()
             try:
                 self._window(w)
+            except Exception as e:  # noqa: BLE001 - this thread is the analysis: no window may end it
+                self._window_failed(w, e)
+            else:
+                self._window_succeeded(w)
             finally:
                 self.prompt_scheduler.window_done(time.monotonic() - t0)
 
+    def _window_failed(self, w, e: Exception) -> None:
+        """Counted, and logged once per cause (not once per window: a full disk fails every window the same way)."""
+        cause = _one_line(e)
+        # The same fault in other words (SQLite's "database or disk is full", the OS's "No space left") is one cause.
+        key = f"outbox {e.kind}" if isinstance(e, OutboxError) else cause
+        self.counters.finished(ok=False, error=cause, window=w.info.index)
+        n = self.counters.failed_in_a_row
+        if self._failing_since is None:
+            self._failing_since = utc_iso(datetime.now(timezone.utc))
+        if key != self._failing_cause:
+            # A traceback only for what is not a known kind of failure (a bug), and only once per cause.
+            known = isinstance(e, (NatureLMEdgeError, OSError))
+            logger.error("window %d (%.1f s) failed: %s%s", w.info.index, w.info.offset_s, cause,
+                         f" ({n} in a row; further failures of this cause are counted in health, not logged)"
+                         if n > 1 else "", exc_info=None if known else e)
+            self._failing_cause, self._failing_reason = key, cause
+        else:
+            logger.debug("window %d failed: %s", w.info.index, cause)
+        if n >= WINDOWS_FAILING_AFTER:
+            self.degraded.set("windows_failing", f"windows failing since {self._failing_since}: {self._failing_reason}")
+
+    def _window_succeeded(self, w) -> None:
+        if self._failing_cause is not None:
+            logger.info("window %d processed: windows succeed again after %d failure(s) in a row", w.info.index,
+                        self.counters.last_streak)
+            self._failing_cause = self._failing_since = None
+            self.degraded.clear("windows_failing")
+
+    def _store(self, events: list) -> None:
+        """Into the outbox, with any events held from windows it could not take. Raises OutboxError, holding them."""
+        batch = self._held + events
+        if not batch:
+            return
+        try:
+            self.outbox.add(batch)
+        except OutboxError:
+            over = len(batch) - MAX_HELD_EVENTS
+            if over > 0:
+                self.events_lost += over
+                logger.error("dropped the %d oldest event(s) held in memory (%d lost so far): the outbox has not "
+                             "been writable for %d events", over, self.events_lost, len(batch))
+                batch = batch[over:]
+            self._held = batch
+            raise
+        if self._held:
+            logger.info("outbox %s writable again: stored %d event(s) held in memory", self.outbox.path,
+                        len(self._held))
+        self._held = []
+
     def _window(self, w) -> None:
+        """One window, start to end. Raises on any failure (the caller counts and logs it)."""
         cfg = self.cfg
         plan = self.prompt_scheduler.plan(cfg.prompts, w.info, pending=self.scheduler.pending(),
                                           paced=self.source.paced)
         if not plan.prompts and "embeddings" not in self.stores:
             # Every prompt is outside its active hours: nothing to ask, so no model work at all.
+            if self._held:
+                self._store([])
             self.counters.finished(ok=True, idle=True)
             return
-        try:
-            if plan.full:
-                result = self.pipeline.process(w.samples, w.sample_rate, w.info, self.source.name)
-            else:
-                result = self.pipeline.process(w.samples, w.sample_rate, w.info, self.source.name,
-                                               prompts=plan.prompts)
-        except NatureLMEdgeError as e:
-            logger.warning("window %d (%.1f s) failed: %s", w.info.index, w.info.offset_s, e)
-            self.counters.finished(ok=False)
-            return
-        except Exception:
-            logger.exception("window %d (%.1f s) failed", w.info.index, w.info.offset_s)
-            self.counters.finished(ok=False)
-            return
+        if plan.full:
+            result = self.pipeline.process(w.samples, w.sample_rate, w.info, self.source.name)
+        else:
+            result = self.pipeline.process(w.samples, w.sample_rate, w.info, self.source.name,
+                                           prompts=plan.prompts)
         events = list(result.events)
         private = self._private(events, result)
         # A clip is for a detection; the privacy prompt's own Yes is not one.
@@ -230,13 +320,7 @@ class Daemon:
                 self.privacy_counts["embeddings_withheld"] += 1
             else:
                 emb.save(result.embedding, w.info, self.source.name)
-        try:
-            self.outbox.add(events)
-        except Exception:
-            # The disk is full or failing: these events are lost, but the recorder goes on.
-            logger.exception("cannot store %d event(s) of window %d in the outbox", len(events), w.info.index)
-            self.counters.finished(ok=False)
-            return
+        self._store(events)
         self.counters.finished(ok=True, gated=bool(result.gated), events=len(events))
         logger.debug("window %d at %.1f s: %s, %d event(s)%s", w.info.index, w.info.offset_s,
                      "gated" if result.gated else "processed", len(events),
@@ -265,8 +349,10 @@ class Daemon:
         busy = c.busy_since
         if busy is not None and time.monotonic() - busy > interval:
             return "inference", f"inference has been on one window for {time.monotonic() - busy:.0f} s"
-        if busy is None and self.scheduler.pending() and time.monotonic() - c.last_done > interval:
-            return "inference", f"no window completed for {time.monotonic() - c.last_done:.0f} s with windows pending"
+        # Failed windows count as finished: a full disk is a fault to report, not a hang to restart for.
+        if busy is None and self.scheduler.pending() and time.monotonic() - c.last_finished > interval:
+            return "inference", (f"no window finished for {time.monotonic() - c.last_finished:.0f} s with windows "
+                                 "pending")
         return None
 
     def _ping_watchdog(self) -> None:
@@ -288,7 +374,8 @@ class Daemon:
                             state_dir=self.cfg.state_dir, stores=self.stores,
                             scheduling=self.prompt_scheduler.health(),
                             privacy=dict(self.privacy_counts) if self.cfg.privacy.prompt_id else None,
-                            degraded=self.degraded.snapshot())
+                            degraded=self.degraded.snapshot(),
+                            events_held=len(self._held), events_lost=self.events_lost)
 
     def _publish_health(self) -> None:
         h = self.health()
@@ -404,6 +491,12 @@ class Daemon:
             if left:
                 logger.info("%d pending window(s) not processed at shutdown", left)
         if hasattr(self, "drainer"):
+            if self._held:
+                try:
+                    self._store([])
+                except OutboxError as e:
+                    self.events_lost += len(self._held)
+                    logger.error("%d event(s) held in memory are lost at exit: %s", len(self._held), e)
             if self.link.connected.is_set() and self.outbox.depth:
                 ok = self.drainer.flush(SHUTDOWN_FLUSH_S)
                 if not ok:

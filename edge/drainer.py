@@ -16,7 +16,7 @@ import threading
 import time
 
 from edge.mqtt import MqttLink
-from edge.outbox import Outbox
+from edge.outbox import Outbox, OutboxError
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,8 @@ class OutboxDrainer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.published = 0  # acknowledged by the broker, this run
+        self._acked: list[int] = []  # acknowledged, not yet removed (the outbox could not be written)
+        self._fault: str | None = None  # the outbox error being retried, logged once
         link.on_activity = outbox.changed.set
 
     def start(self) -> None:
@@ -42,9 +44,19 @@ class OutboxDrainer:
             self.outbox.changed.clear()
             try:
                 self.step()
-            except Exception:  # a bug or a full disk must not silently end delivery; log it and keep going
+            except OutboxError as e:  # a lock or a full disk: said once, retried until it clears
+                if str(e) != self._fault:
+                    logger.warning("outbox drainer: %s; retrying", e)
+                    self._fault = str(e)
+                self._stop.wait(1.0)
+                continue
+            except Exception:  # a bug must not silently end delivery; log it and keep going
                 logger.exception("outbox drainer step failed; retrying")
                 self._stop.wait(1.0)
+                continue
+            if self._fault is not None:
+                logger.info("outbox drainer: the outbox is writable again")
+                self._fault = None
 
     def step(self) -> None:
         """Remove what was acknowledged, then send what fits in the in-flight window."""
@@ -57,8 +69,10 @@ class OutboxDrainer:
             seq = self._inflight.pop(mid, None)
             if seq is not None:
                 done.append(seq)
-        if done:
-            self.outbox.remove(done)
+        if done or self._acked:
+            done, self._acked = self._acked + done, self._acked + done
+            self.outbox.remove(done)  # on OutboxError they stay in _acked for the next step
+            self._acked = []
             self.published += len(done)
         if not self.link.connected.is_set():
             return

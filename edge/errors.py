@@ -6,8 +6,21 @@ keeps its traceback.
 """
 
 
+#: Exit statuses of the CLI (sysexits.h where one fits), documented in systemd/README.md: 2 is a bad configuration
+#: or input (fix the file), 74 an I/O error, 75 a temporary failure (a lock held by another process, a full disk:
+#: systemd's Restart= is the retry), 77 no permission to write (a read-only or foreign-owned state directory).
+EXIT_USAGE, EXIT_IOERR, EXIT_TEMPFAIL, EXIT_NOPERM = 2, 74, 75, 77
+
+
 class NatureLMEdgeError(Exception):
     """Base class: a user-facing problem with a clear one-line message."""
+
+    #: The CLI's exit status when this error ends a command.
+    exit_code = EXIT_USAGE
+
+    def lines(self) -> list[str]:
+        """The message as the CLI prints it: one line per problem."""
+        return str(self).splitlines() or [type(self).__name__]
 
 
 class ConfigError(NatureLMEdgeError):

@@ -70,27 +70,38 @@ class WindowCounters:
         self.events = 0
         self.busy_since: float | None = None  # monotonic start of the window being processed
         self.last_done = time.monotonic()  # last window completed successfully (or start-up)
+        self.last_finished = self.last_done  # last window finished, failed or not (liveness: not hung)
+        self.failed_in_a_row = 0
+        self.last_streak = 0  # failures in a row before the last success
+        self.last_error: dict | None = None  # {"window", "time", "error"} of the last failed window
         self._busy_s = 0.0  # inference seconds since the last report
         self._windows = 0  # windows since the last report
 
     def started(self) -> None:
         self.busy_since = time.monotonic()
 
-    def finished(self, ok: bool, gated: bool = False, events: int = 0, idle: bool = False) -> None:
+    def finished(self, ok: bool, gated: bool = False, events: int = 0, idle: bool = False,
+                 error: str | None = None, window: int | None = None) -> None:
         now = time.monotonic()
         with self._lock:
             if self.busy_since is not None:
                 self._busy_s += now - self.busy_since
                 self._windows += 1
             self.busy_since = None
+            self.last_finished = now
             if ok:
                 self.processed += 1
                 self.gated += int(gated)
                 self.idle += int(idle)
                 self.events += events
                 self.last_done = now
+                if self.failed_in_a_row:
+                    self.last_streak, self.failed_in_a_row = self.failed_in_a_row, 0
             else:
                 self.failed += 1
+                self.failed_in_a_row += 1
+                self.last_error = {"window": window, "time": utc_iso(datetime.now(timezone.utc)),
+                                   "error": error or "unknown"}
 
     def take_rtf(self) -> float | None:
         """Inference seconds per second of audio since the last call (windows advance by hop_s). Above 1 the device
@@ -104,7 +115,7 @@ class WindowCounters:
 def build_health(*, device_id: str, started_monotonic: float, counters: WindowCounters, rtf: float | None,
                  scheduler, ring, source, outbox, drainer, link, model: dict, state_dir: Path,
                  stores: dict, scheduling: dict | None = None, privacy: dict | None = None,
-                 degraded: dict | None = None) -> dict:
+                 degraded: dict | None = None, events_held: int = 0, events_lost: int = 0) -> dict:
     """The health report. `scheduling`: PromptScheduler.health() (shed level, skips per prompt id); `privacy`: counts of
     windows the privacy prompt flagged and of what was withheld because of them."""
     temps = read_temperatures()
@@ -122,6 +133,8 @@ def build_health(*, device_id: str, started_monotonic: float, counters: WindowCo
         "windows_gated": counters.gated,
         "windows_idle": counters.idle,
         "windows_failed": counters.failed,
+        "windows_failed_in_a_row": counters.failed_in_a_row,
+        "last_window_error": counters.last_error,
         "windows_dropped": scheduler.windows_dropped if scheduler is not None else 0,
         "windows_pending": scheduler.pending() if scheduler is not None else 0,
         "events": counters.events,
@@ -133,6 +146,10 @@ def build_health(*, device_id: str, started_monotonic: float, counters: WindowCo
         "outbox_depth": outbox.depth,
         "outbox_bytes": outbox.bytes,
         "outbox_dropped": outbox.dropped,
+        # Events of windows the outbox could not take (full disk, lock), kept in memory for the next write; and those
+        # lost beyond that bound or at exit.
+        "events_held": events_held,
+        "events_lost": events_lost,
         "events_published": drainer.published,
         "mqtt": {"connected": link.connected.is_set(), "connects": link.connects,
                  "connect_failures": link.connect_failures, "last_error": link.last_error},
@@ -142,6 +159,7 @@ def build_health(*, device_id: str, started_monotonic: float, counters: WindowCo
         "disk_free_bytes": disk_free(state_dir),
         "rss_bytes": rss_bytes(),
         **{f"{name}_saved": store.saved for name, store in stores.items()},
+        **{f"{name}_failed": getattr(store, "failed", 0) for name, store in stores.items()},
         **({"scheduling": scheduling} if scheduling is not None else {}),
         **({"privacy": privacy} if privacy is not None else {}),
     }

@@ -69,6 +69,8 @@ class MqttLink:
         self._lock = threading.Lock()
         self._refused: str | None = None  # the broker's reason, when it refused this connection's CONNECT
         self._accepted = False  # this connection's CONNECT was accepted
+        self._disconnect: tuple | None = None  # (number, text, who) of paho's last disconnect reason code
+        self._socket_error: str | None = None  # the last socket error paho logged (it is not in any callback)
 
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2,
                                   client_id=cfg.client_id or f"naturelm-edge-{device_id}",
@@ -86,6 +88,7 @@ class MqttLink:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
+        self.client.on_log = self._on_log
 
     @property
     def where(self) -> str:
@@ -118,8 +121,10 @@ class MqttLink:
             except (OSError, ValueError) as e:  # refused, unreachable, DNS, TLS handshake (ssl.SSLError is an OSError)
                 self._fail(f"cannot connect to MQTT broker {self.where}: {e}")
                 continue
+            self._disconnect = self._socket_error = None
+            rc = None
             try:
-                self.client.loop_forever(retry_first_connection=False)
+                rc = self.client.loop_forever(retry_first_connection=False)
             except Exception:  # this thread is the only way out for months of events: it must not die
                 logger.exception("MQTT network loop failed")
             # The loop ends when the connection does: a refused CONNACK, a dropped link, or our own disconnect.
@@ -127,13 +132,35 @@ class MqttLink:
             self.connected.clear()
             if self._stop.is_set():
                 break
+            why = self._why(rc)
             if self._refused:
                 self._fail(self._refused, logging.ERROR)
             elif was_up:
                 self._failures_in_a_row = 0
-                self._fail(f"lost the connection to MQTT broker {self.where}")
+                self._fail(f"lost the connection to MQTT broker {self.where}: {why}")
             else:
-                self._fail(f"MQTT broker {self.where} closed the connection before accepting it")
+                self._fail(f"MQTT broker {self.where} closed the connection before accepting it: {why}")
+
+    def _why(self, rc) -> str:
+        """Why a connection ended, in paho's own words: the disconnect reason code (number and text) and, where that
+        is paho's catch-all "Unspecified error", the network loop's error code and text and the socket error paho
+        logged. The reason code alone says nothing useful for a connection the broker dropped."""
+        parts = []
+        specific = self._disconnect is not None and self._disconnect[0] not in (0, 128)
+        if not specific:
+            if rc is not None and rc != paho.MQTT_ERR_SUCCESS:
+                name = getattr(rc, "name", None) or str(rc)
+                parts.append(f"{paho.error_string(rc).rstrip('.')} ({name}, rc {int(rc)})")
+            if self._socket_error:
+                parts.append(self._socket_error)
+            elif rc == paho.MQTT_ERR_CONN_LOST:
+                parts.append("the broker closed the socket")
+        if self._disconnect is not None:
+            value, text, sender = self._disconnect
+            parts.append(f"reason code {value} {text} ({sender})")
+            if text == "Keep alive timeout":
+                parts.append(f"no answer from the broker within keepalive_s ({self.cfg.keepalive_s} s)")
+        return "; ".join(parts) or "no reason given"
 
     # --- paho callbacks (paho's thread) ---------------------------------------------------------------------------
 
@@ -156,9 +183,17 @@ class MqttLink:
         self.on_activity()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        if self.connected.is_set() and not self._stop.is_set():
-            logger.warning("disconnected from MQTT broker %s (%s)", self.where, reason_code)
+        # Logged by the network loop once it has returned, with paho's error code (the reason code alone is
+        # "Unspecified error" for most network failures).
+        sender = "sent by the broker" if getattr(flags, "is_disconnect_packet_from_server", False) else "client side"
+        self._disconnect = (getattr(reason_code, "value", reason_code), str(reason_code), sender)
+        logger.debug("MQTT on_disconnect: %s", self._disconnect)
         self.connected.clear()
+
+    def _on_log(self, client, userdata, level, buf) -> None:
+        if level == paho.MQTT_LOG_ERR:
+            self._socket_error = buf
+            logger.debug("paho: %s", buf)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         # paho holds its own message lock here: hand the mid over, touch nothing else.

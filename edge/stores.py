@@ -34,6 +34,8 @@ class RetainedDir:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.saved = 0
         self.deleted = 0
+        self.failed = 0  # saves that failed (a full or failing disk), in health as {name}_failed
+        self._fault: str | None = None
         files = []
         for entry in os.scandir(self.dir):
             if entry.is_file() and entry.name.endswith(suffix):
@@ -44,7 +46,20 @@ class RetainedDir:
         self.bytes = sum(f[2] for f in files)
         self.enforce()
 
+    def save_failed(self, path: Path, e: BaseException) -> None:
+        """Counted always, logged once per cause: a full card fails every save the same way."""
+        self.failed += 1
+        try:
+            Path(path).unlink(missing_ok=True)  # a file cut short by a full disk is not a clip or an embedding
+        except OSError:
+            pass
+        cause = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        if cause != self._fault:
+            logger.warning("cannot save %s: %s (further failures of this cause are counted, not logged)", path, e)
+            self._fault = cause
+
     def added(self, path: Path) -> None:
+        self._fault = None
         size = path.stat().st_size
         self._files.append((time.time(), str(path), size))
         self.bytes += size
@@ -86,7 +101,7 @@ class ClipStore(RetainedDir):
         try:
             sf.write(str(path), np.clip(samples, -1.0, 1.0), sample_rate, format="FLAC", subtype="PCM_16")
         except (OSError, RuntimeError, sf.LibsndfileError) as e:
-            logger.warning("cannot save clip %s: %s", path, e)
+            self.save_failed(path, e)
             return None
         self.added(path)
         return path
@@ -114,7 +129,7 @@ class EmbeddingStore(RetainedDir):
             with open(self.dir / self.INDEX, "a", encoding="utf-8") as f:
                 f.write(json.dumps(line) + "\n")
         except OSError as e:
-            logger.warning("cannot save embedding %s: %s", path, e)
+            self.save_failed(path, e)
             return None
         self.added(path)
         return path

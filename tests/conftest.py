@@ -119,3 +119,34 @@ def tiny_full_bundle(tiny_bundle, tiny_llm_bundle, tmp_path_factory) -> Path:
         shutil.copy2(tiny_llm_bundle / name, out / name)
     update_manifest(out, "llm", llm["llm"], files=files, tools=llm.get("tools"), source=llm.get("source"))
     return out
+
+
+# --- faults (issue 12): a real small file system that fills up or turns read-only -------------------------------------
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """make(name, size="1m") -> a directory with a fresh tmpfs of that size mounted on it (tests run as root);
+    `remount(path, "ro"|"rw")` switches it. Everything is unmounted after the test."""
+    import subprocess
+
+    mounted = []
+
+    def make(name: str = "fs", size: str = "1m") -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(d)],
+                           check=False, capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN): {r.stderr.strip()}")
+        mounted.append(d)
+        return d
+
+    def remount(d: Path, mode: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,{mode}", str(d)], check=True, capture_output=True)
+
+    make.remount = remount
+    yield make
+    for d in reversed(mounted):
+        subprocess.run(["umount", "-l", str(d)], check=False, capture_output=True)
+

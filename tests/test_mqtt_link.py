@@ -203,3 +203,38 @@ def test_home_assistant_discovery(mqtt_broker):
         sub.close()
     finally:
         link.stop()
+
+
+def test_a_dropped_connection_is_logged_with_paho_reason_code_and_text(mqtt_broker, caplog):
+    """The broker goes away under a connected link: the log says what paho says (its error code, text and the
+    disconnect reason code with its number), never a bare "(Unspecified error)"."""
+    link = MqttLink(MqttConfig(host="127.0.0.1", port=mqtt_broker.port, **FAST), "rec-1")
+    caplog.set_level(logging.INFO, logger="edge.mqtt")
+    link.start()
+    try:
+        assert link.connected.wait(10)
+        mqtt_broker.stop()
+        assert _wait(lambda: any("lost the connection" in r.getMessage() for r in caplog.records), 10)
+    finally:
+        link.stop()
+    line = next(r.getMessage() for r in caplog.records if "lost the connection" in r.getMessage())
+    assert f"lost the connection to MQTT broker 127.0.0.1:{mqtt_broker.port}: The connection was lost " \
+           "(MQTT_ERR_CONN_LOST, rc 7)" in line, line
+    assert "reason code 128 Unspecified error (client side)" in line, line
+    assert not any(r.getMessage().endswith("(Unspecified error)") for r in caplog.records)
+
+
+def test_a_frozen_broker_is_logged_as_a_keepalive_timeout(mqtt_broker, caplog):
+    link = MqttLink(MqttConfig(host="127.0.0.1", port=mqtt_broker.port, **FAST), "rec-1")
+    caplog.set_level(logging.INFO, logger="edge.mqtt")
+    link.start()
+    try:
+        assert link.connected.wait(10)
+        mqtt_broker.pause()  # SIGSTOP: the socket stays open, nothing answers
+        assert _wait(lambda: any("lost the connection" in r.getMessage() for r in caplog.records), 20)
+    finally:
+        mqtt_broker.resume()
+        link.stop()
+    line = next(r.getMessage() for r in caplog.records if "lost the connection" in r.getMessage())
+    assert f"lost the connection to MQTT broker 127.0.0.1:{mqtt_broker.port}: reason code 141 Keep alive timeout " \
+           "(client side); no answer from the broker within keepalive_s (5 s)" in line, line

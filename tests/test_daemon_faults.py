@@ -1,0 +1,133 @@
+"""The field daemon under faults, black box (`python -m edge.cli run` as a subprocess): an outbox another process has
+locked, a read-only state directory, a disk that fills up while it records (a real tmpfs), a dead microphone at
+boot, and a file source that is not audio."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+
+import pytest
+import yaml
+from disk_faults import fill_disk
+from mqtt_broker import Subscriber
+from test_daemon_e2e import PROMPTS, Daemon, _config, _until, _wav
+from test_outbox import make_events
+from test_outbox_faults import LockHolder
+
+from edge.outbox import Outbox
+
+
+@pytest.fixture
+def daemons():
+    started = []
+
+    def start(*args, **kw) -> Daemon:
+        started.append(Daemon(*args, **kw))
+        return started[-1]
+
+    yield start
+    for d in started:
+        d.kill()
+
+
+def _no_model_config(tmp_path, state_dir, **over):
+    """Enough for the daemon to reach its outbox: it opens the outbox before it loads any model."""
+    (tmp_path / "bundle").mkdir(exist_ok=True)
+    wav = _wav(tmp_path / "a.wav", 1.0)
+    cfg = {"device_id": "rec-faults", "state_dir": str(state_dir), "bundle": {"path": "bundle"},
+           "source": {"type": "file", "file": {"path": str(wav)}}, "prompts": PROMPTS,
+           "mqtt": {"host": "127.0.0.1", "port": 9}, **over}
+    path = tmp_path / "daemon.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _last_line(d) -> str:
+    return d.log.strip().splitlines()[-1]
+
+
+def test_an_outbox_locked_by_another_process_is_retried_then_exit_75(tmp_path, daemons):
+    state = tmp_path / "state"
+    box = Outbox(state / "outbox.sqlite3", 10**7, 1000)
+    box.add(make_events(3))
+    box.close()
+    holder = LockHolder(state / "outbox.sqlite3")
+    try:
+        d = daemons(_no_model_config(tmp_path, state, outbox={"lock_timeout_s": 2.5}))
+        assert d.wait(60) == 75, d.log
+        last = _last_line(d)
+        assert last.startswith(f"naturelm-edge: error: outbox {state / 'outbox.sqlite3'}: locked by another process")
+        assert "gave up after 2.5 s (outbox.lock_timeout_s)" in last
+        assert "; waiting up to 1 s more for the lock" in d.log  # it said so, and waited, before giving up
+        assert "Traceback" not in d.log and "corrupt" not in d.log
+    finally:
+        holder.release()
+    assert sorted(p.name for p in state.iterdir() if "corrupt" in p.name) == []
+    with sqlite3.connect(str(state / "outbox.sqlite3")) as db:
+        assert [r[0] for r in db.execute("SELECT seq FROM events ORDER BY seq")] == [0, 1, 2]
+
+
+def test_a_read_only_state_directory_is_one_line_and_exit_77(tmp_path, tmpfs, daemons):
+    state = tmpfs("state")
+    box = Outbox(state / "outbox.sqlite3", 10**7, 1000)
+    box.add(make_events(2))
+    box.close()
+    tmpfs.remount(state, "ro")
+    d = daemons(_no_model_config(tmp_path, state))
+    assert d.wait(60) == 77, d.log
+    assert _last_line(d) == (f"naturelm-edge: error: outbox {state / 'outbox.sqlite3'}: read-only: the file system is "
+                             "read-only (unable to open database file); its events are kept")
+    assert "Traceback" not in d.log and "lost" not in d.log and "No such file" not in d.log
+    assert sorted(p.name for p in state.iterdir()) == ["outbox.sqlite3", "outbox.sqlite3.seq"]
+
+
+def test_a_full_disk_fails_windows_counted_degraded_and_the_loop_goes_on(tiny_full_bundle, mqtt_broker, daemons,
+                                                                          tmp_path, tmpfs):
+    """State (outbox, embeddings) on a real 3 MiB tmpfs that the test fills while the daemon records."""
+    state = tmpfs("state", size="3m")
+    wav = _wav(tmp_path / "a.wav", 4.0)
+    cfg = _config(tmp_path, tiny_full_bundle, mqtt_broker.port,
+                  {"type": "file", "file": {"path": str(wav), "realtime": True, "loop": True}},
+                  state_dir=str(state), embeddings={"enabled": True},
+                  windowing={"window_s": 1.0, "hop_s": 0.5, "max_pending": 4})
+    sub = Subscriber(mqtt_broker.port, ["naturelm/#"])
+    d = daemons(cfg)
+    _until(lambda: len(sub.events()) >= 6, 90, "events before the disk fills", d)
+
+    filler = fill_disk(state)
+
+    def health():
+        hs = [json.loads(p) for p in sub.on("/health")]
+        return hs[-1] if hs else {}
+
+    _until(lambda: health().get("windows_failed", 0) >= 4, 60, "windows failing on the full disk", d)
+    sub.wait_for(lambda s: any("windows_failing" in json.loads(p)["reasons"] for p in s.on("/degraded")),
+                 timeout=30, what="degraded: windows_failing")
+    assert sub.on("/status")[-1] == "degraded"
+    h = health()
+    assert "disk" in h["last_window_error"]["error"] and str(state) in h["last_window_error"]["error"], h
+    assert h["events_held"] > 0
+    assert d.proc.poll() is None  # the inference thread and the daemon are alive
+
+    filler.unlink()
+    _until(lambda: "writable again: stored" in d.log, 60, "the held events stored", d)
+    sub.wait_for(lambda s: not json.loads(s.on("/degraded")[-1])["reasons"].get("windows_failing"),
+                 timeout=30, what="windows_failing cleared")
+    _until(lambda: health().get("windows_failed_in_a_row", 1) == 0 and health().get("events_held", 1) == 0, 30,
+           "health back to normal", d)
+    d.signal(signal.SIGTERM)
+    assert d.wait(60) == 0, d.log
+
+    log = d.log
+    failed_lines = [ln for ln in log.splitlines() if " failed: outbox " in ln]
+    assert 1 <= len(failed_lines) <= 2, failed_lines  # once per cause, not once per window
+    assert "Traceback" not in log
+    seqs = sorted(e["seq"] for e in sub.events())
+    distinct = sorted(set(seqs))
+    assert distinct == list(range(len(distinct))), "a seq was skipped"
+    by_seq = {}
+    for e in sub.events():
+        assert by_seq.setdefault(e["seq"], e["event_id"]) == e["event_id"], "one seq, two events"
+    sub.close()
