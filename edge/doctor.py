@@ -86,9 +86,40 @@ def check_python() -> Check:
 def check_board(jetson: str | None) -> Check:
     if jetson is None:
         return Check("board", PASS, "not a Jetson; the GPU checks below look for a discrete NVIDIA GPU")
+    if "L4T R36.4" in jetson:
+        return Check("board", PASS, f"{jetson} (JetPack 6.1/6.2)")
     if "L4T R36" in jetson:
-        return Check("board", PASS, f"{jetson} (JetPack 6)")
-    return Check("board", WARN, f"{jetson}: not JetPack 6 (L4T R36); docs/jetson.md covers JetPack 6 only")
+        return Check("board", WARN, f"{jetson}: JetPack 6.0 (CUDA 12.2, TensorRT 8.6); the pinned GPU wheels need "
+                                    "JetPack 6.1/6.2 (docs/jetson.md, 'JetPack versions')")
+    return Check("board", WARN, f"{jetson}: not JetPack 6.1/6.2 (L4T R36.4); the installer refuses it "
+                                "(docs/jetson.md, 'JetPack versions')")
+
+
+#: Where scripts/install-jetson.sh puts the GPU's DeviceAllow lines (edge/jetson_devices.py).
+GPU_DROPIN = Path("/etc/systemd/system/naturelm-edge.service.d/50-gpu-devices.conf")
+
+
+def check_sandbox(jetson: str | None, dropin: Path = GPU_DROPIN, root: Path = Path("/")) -> Check:
+    """doctor runs outside the unit's sandbox: what it finds of the GPU, the service finds only if the unit's
+    drop-in lets the same device nodes through. Compare the installed drop-in with what this board needs now."""
+    if jetson is None:
+        return Check("sandbox", PASS, "not a Jetson: the unit's DeviceAllow=char-nvidia* covers a discrete GPU")
+    from edge.jetson_devices import build
+
+    plan, _ = build(root)
+    if not plan.gpu_nodes:
+        return Check("sandbox", FAIL, f"no GPU device nodes under {root / 'dev'}: is the nvgpu driver loaded?")
+    if not dropin.is_file():
+        return Check("sandbox", FAIL, f"{dropin} is missing: the service cannot open the GPU under DevicePolicy="
+                                      "closed; run `naturelm-edge jetson-devices --write "
+                                      f"{dropin.parent}` (scripts/install-jetson.sh does)")
+    have = {ln.split("=", 1)[1].strip() for ln in dropin.read_text().splitlines() if ln.startswith("DeviceAllow=")}
+    missing = [a for a in plan.allow if a not in have]
+    if missing:
+        return Check("sandbox", FAIL, f"{dropin} lacks {', '.join(missing)} (a JetPack upgrade?); re-run "
+                                      "`naturelm-edge jetson-devices --write ...`")
+    return Check("sandbox", PASS, f"{dropin}: {len(plan.allow)} DeviceAllow line(s) cover the board's "
+                                  f"{len(plan.gpu_nodes)} GPU node(s)")
 
 
 def check_providers(jetson: str | None, cfg) -> Check:
@@ -405,6 +436,7 @@ def run_checks(config: str | None, bundle_dir: str | None, verify: str = "full")
     checks.append(cfg_check)
     checks.append(guarded("onnxruntime", check_providers, jetson, cfg))
     checks.append(guarded("llama.cpp", check_llama, jetson, cfg))
+    checks.append(guarded("sandbox", check_sandbox, jetson))
     checks.append(guarded("microphone", check_microphone, cfg))
     checks.append(guarded("broker", check_broker, cfg))
     path = Path(bundle_dir) if bundle_dir else (cfg.bundle.path if cfg is not None else None)
@@ -435,7 +467,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser(
         "doctor",
-        help="check this machine for the field daemon: GPU providers, CUDA in llama.cpp, microphone, broker, "
+        help="check this machine for the field daemon: GPU providers, CUDA in llama.cpp, the unit's GPU devices, "
+             "microphone, broker, "
              "bundle, memory, disk, clock, thermal zones (exit 1 when a check fails)",
         description="Run every check and print one line each: PASS, WARN, FAIL or SKIP with the reason. Exits 1 "
                     "when any check fails. With --config the broker (a real MQTT login), the configured microphone, "

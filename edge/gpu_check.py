@@ -42,6 +42,9 @@ _CU_ERRORS = {100: "no CUDA-capable device (CUDA_ERROR_NO_DEVICE)",
               35: "the driver is older than the CUDA runtime (CUDA_ERROR_INSUFFICIENT_DRIVER)"}
 
 
+_OFFLOAD_KEYS = ("llm_gpu_layers", "llm_layers_offloaded", "llm_offloaded", "llm_offload")
+
+
 @dataclass
 class Probe:
     nodes: dict[str, str] = field(default_factory=dict)  # path -> "ok" | "EPERM ..." | ...
@@ -150,7 +153,8 @@ def fallback_reason(bundle_cfg, info: dict, p: Probe, opened_error: str | None =
     if info.get("encoder_provider") == "cpu" and bundle_cfg.provider != "cpu":
         where.append("the audio encoder")
     if bundle_cfg.n_gpu_layers != 0:
-        offloaded = str(info.get("llm_gpu_layers") or "")
+        # "N/M" layers offloaded, where the engine reports what llama.cpp did (whichever of these keys it uses).
+        offloaded = next((str(info[k]) for k in _OFFLOAD_KEYS if "/" in str(info.get(k) or "")), "")
         n, sep, m = offloaded.partition("/")
         if sep and n.strip().isdigit() and m.strip().isdigit():
             if int(n) < int(m):

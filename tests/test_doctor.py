@@ -16,8 +16,8 @@ import yaml
 from edge import doctor
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKS = ["python", "board", "config", "onnxruntime", "llama.cpp", "microphone", "broker", "bundle", "memory", "disk",
-          "clock", "thermal"]
+CHECKS = ["python", "board", "config", "onnxruntime", "llama.cpp", "sandbox", "microphone", "broker", "bundle", "memory",
+          "disk", "clock", "thermal"]
 
 
 def _doctor(*args, env=None) -> subprocess.CompletedProcess:
@@ -139,3 +139,36 @@ def test_jetson_detection(monkeypatch, tmp_path):
     assert c.status in ("PASS", "FAIL")
     if "CUDA no" in c.detail and "TensorRT no" in c.detail:
         assert c.status == "FAIL" and "onnxruntime-gpu" in c.detail
+
+
+def test_sandbox_check_compares_the_dropin_with_the_board(tmp_path):
+    """On a Jetson (a fixture board), the unit's GPU drop-in must carry what the board's nodes need now."""
+    import shutil as sh
+
+    from edge.jetson_devices import build, render_dropin
+
+    board = Path(__file__).parent / "fixtures" / "jetson" / "orin-nx-16gb-l4t-36.4.3"
+    if os.geteuid() != 0:
+        pytest.skip("mknod needs root")
+    root = tmp_path / "board"
+    sh.copytree(board / "proc", root / "proc")
+    from edge.jetson_devices import parse_listing
+
+    for n in parse_listing((board / "dev.txt").read_text(), "dev.txt"):
+        p = root / n.path.lstrip("/")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        os.mknod(p, 0o600 | 0o020000, os.makedev(n.major, n.minor))
+    dropin = tmp_path / "50-gpu-devices.conf"
+    info = "NVIDIA Jetson Orin NX, L4T R36.4.3"
+    c = doctor.check_sandbox(info, dropin, root)
+    assert c.status == "FAIL" and "is missing" in c.detail
+    plan, _ = build(root)
+    dropin.write_text(render_dropin(plan, "test"))
+    c = doctor.check_sandbox(info, dropin, root)
+    assert c.status == "PASS", c.detail
+    dropin.write_text(render_dropin(plan, "test").replace("DeviceAllow=char-host1x-fence rw\n", ""))
+    c = doctor.check_sandbox(info, dropin, root)
+    assert c.status == "FAIL" and "lacks char-host1x-fence rw" in c.detail
+    assert doctor.check_sandbox(None, dropin, root).status == "PASS"
+    assert doctor.check_board("NVIDIA Jetson AGX Orin, L4T R36.3.0").status == "WARN"
+    assert "JetPack 6.0" in doctor.check_board("NVIDIA Jetson AGX Orin, L4T R36.3.0").detail

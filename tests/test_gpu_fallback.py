@@ -105,6 +105,8 @@ def test_fallback_reason_rules():
     # llama.cpp loaded only part of the model onto the GPU.
     r = fallback_reason(b, {**on_gpu, "llm_gpu_layers": "9/17"}, gpu)
     assert r.startswith("the LLM (9 of 17 layers on the GPU) on the CPU")
+    r = fallback_reason(b, {"encoder_provider": "cuda", "llm_offload": "0/17"}, gpu)
+    assert r.startswith("the LLM (0 of 17 layers on the GPU) on the CPU")
     # The sandbox refused nvmap: the reason names the node and the unit setting.
     refused = Probe(nodes={"/dev/nvmap": "EPERM: the unit's DeviceAllow= does not include it"},
                     cuda_driver="cuInit failed with 801: operation not supported", onnxruntime=gpu.onnxruntime,
