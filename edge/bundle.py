@@ -8,7 +8,8 @@ adapter GGUF). The manifest says everything the device needs, so nothing is hard
       "created": ISO 8601 UTC, "tools": {package: version},
       "source": {"naturelm": {"sha256": ..., "config_sha256": ...}, "llama": {"sha256": ...}},
       "audio": {  # written by `export` (export/onnx_export.py)
-        "sample_rate", "clip_seconds", "fbank": FbankSpec dict, "resampler": ResamplerSpec dict, "frames", "mel_bins",
+        "sample_rate", "clip_seconds", "fbank": FbankSpec dict, "frames", "mel_bins",
+        "resampler": ResamplerSpec dict (resampy kaiser_best; absent in bundles before it: WindowedSincSpec),
         "embeddings_per_clip", "embedding_width", "input_name", "output_name",
         "encoders": {precision (fp32 | fp16 | int8): {
           "file": "audio_encoder.<precision>.onnx", "opset": 17,

@@ -2,10 +2,11 @@
 
 It does what NatureLM's processor and BEATs' preprocess do together, in their order: mono by averaging channels,
 resampling to the model rate, truncation to the clip length, right zero-padding, clamping to [-1, 1], Kaldi log-mel
-fbank, fixed normalisation. Resampling uses the reference's own filter (edge/resample.py: torchaudio's windowed
-sinc, ported to numpy), because the model was trained on what that filter lets through; `resampler="soxr"` (libsoxr
-"HQ": flatter to 7.4 kHz, alias-free) is the alternative, and the fallback for non-integer rates.
-tests/test_frontend.py measures both against the reference.
+fbank, fixed normalisation. Resampling uses the filter the bundle's manifest names: upstream's, resampy's
+`kaiser_best` (edge/resample.py, the same filter and interpolation in numpy, at any rate), or, for a bundle made before
+manifests named it, torchaudio's windowed sinc, which that bundle keeps (with a warning, once, that it is not
+upstream's). `resampler="soxr"` (libsoxr "HQ") is the alternative. tests/test_frontend.py and tests/test_resample.py
+measure them against the reference and against resampy itself.
 
 Bad input is reported as an AudioError with a one-line message naming the problem and, where the caller gives one,
 the source; a clip too short for even one fbank frame is refused rather than padded into a silent clip.
@@ -21,8 +22,8 @@ import soxr
 
 from edge.errors import AudioError
 from edge.fbank import fbank_features
-from edge.resample import sinc_resample
-from edge.spec import RESAMPLER, FbankSpec, ResamplerSpec
+from edge.resample import resampy_resample, sinc_resample
+from edge.spec import RESAMPLER, FbankSpec, ResamplerSpec, WindowedSincSpec
 
 __all__ = ["AudioFrontEnd"]
 
@@ -36,9 +37,12 @@ MAX_RATE_HZ = 1_000_000
 #: sums of them (the channel mean, the resampler's taps) would overflow to inf and then NaN. Nothing audio-like is
 #: changed: the clip is clamped to [-1, 1] anyway, after resampling.
 _MAX_ABS_SAMPLE = 1e6
-#: The sinc resampler's polyphase kernel has (orig + 2 * reach) x new entries for the reduced ratio orig:new; a rate
+#: The legacy sinc resampler's polyphase kernel has (orig + 2 * reach) x new entries for the reduced ratio orig:new; a rate
 #: that reduces to nothing small (44101:16000) would need gigabytes. Such rates go to soxr, as non-integer rates do.
 _SINC_MAX_KERNEL = 4_000_000
+
+#: A bundle that records the legacy filter is said once per process, not once per window or worker.
+_warned_legacy = False
 
 # Past the clip's end, keep this much input before resampling. The filters reach a few milliseconds; anything
 # further out cannot change the samples that survive truncation, and a long recording is not resampled in full.
@@ -61,18 +65,26 @@ def _seconds_below(seconds: float, limit: float) -> str:
 class AudioFrontEnd:
     """Turns audio at any sample rate into the normalised fbank features of one clip of `clip_seconds`.
 
-    `spec` comes from the bundle's manifest (FbankSpec.from_dict(manifest["fbank"])), so a bundle exported with other
-    parameters is still fed what its encoder expects.
+    `spec` comes from the bundle's manifest (FbankSpec.from_dict(manifest["fbank"])), and `sinc`, the resampling
+    filter, from its `audio.resampler` (edge.spec.resampler_from_dict), so a bundle exported with other parameters is
+    still fed what its encoder expects. `resampler="soxr"` replaces the filter by libsoxr.
     """
 
     RESAMPLERS = ("sinc", "soxr")
 
     def __init__(self, spec: FbankSpec, clip_seconds: float, resampler: str = "sinc",
-                 sinc: ResamplerSpec = RESAMPLER):
+                 sinc: ResamplerSpec | WindowedSincSpec = RESAMPLER):
+        global _warned_legacy
         if resampler not in self.RESAMPLERS:
             raise ValueError(f"resampler must be one of {', '.join(self.RESAMPLERS)}, got {resampler!r}")
-        if sinc.kind != "windowed_sinc":
-            raise ValueError(f"unknown resampler kind {sinc.kind!r} (this naturelm-edge knows windowed_sinc)")
+        if not isinstance(sinc, (ResamplerSpec, WindowedSincSpec)):
+            raise TypeError(f"unknown resampler {sinc!r} (this naturelm-edge knows resampy and windowed_sinc)")
+        if isinstance(sinc, WindowedSincSpec) and resampler == "sinc" and not _warned_legacy:
+            logger.warning("this bundle resamples with torchaudio's windowed sinc (its manifest's audio.resampler, or "
+                           "none: made before naturelm-edge recorded resampy's); upstream NatureLM-audio uses resampy's "
+                           "kaiser_best, which differs above 6.5 kHz. Rebuild the bundle (naturelm-edge build) to "
+                           "hear what upstream hears.")
+            _warned_legacy = True
         self.resampler = resampler
         self.sinc = sinc
         self._warned_fractional = False
@@ -157,13 +169,19 @@ class AudioFrontEnd:
 
     def _resample(self, mono: np.ndarray, rate: float, name: str | None) -> np.ndarray:
         if rate != self.spec.sample_rate:
-            if self.resampler == "sinc" and rate == int(rate) and self._sinc_fits(int(rate)):
+            if self.resampler == "sinc" and isinstance(self.sinc, ResamplerSpec):
+                # float64 as upstream (soundfile's default); ~2x the float32 cost, a few ms a window, for parity with
+                # resampy to ~1e-15 instead of ~1e-6.
+                f = self.sinc
+                mono = resampy_resample(mono, rate, self.spec.sample_rate, num_zeros=f.num_zeros,
+                                        precision=f.precision, rolloff=f.rolloff, beta=f.beta, dtype=np.float64)
+            elif self.resampler == "sinc" and rate == int(rate) and self._sinc_fits(int(rate)):
                 mono = sinc_resample(mono, int(rate), self.spec.sample_rate, self.sinc.lowpass_filter_width,
                                      self.sinc.rolloff)
             else:
                 if self.resampler == "sinc" and not self._warned_fractional:
                     why = "is not an integer" if rate != int(rate) else "has no small ratio to the model rate"
-                    logger.warning("sample rate %s Hz %s: resampling with soxr instead of the reference's sinc "
+                    logger.warning("sample rate %s Hz %s: resampling with soxr instead of the bundle's windowed sinc "
                                    "filter (features above 6 kHz differ slightly)", rate, why)
                     self._warned_fractional = True
                 mono = soxr.resample(mono, rate, self.spec.sample_rate, quality="HQ")

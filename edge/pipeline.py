@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.bundle import Bundle, load_bundle
+from edge.bundle import MANIFEST, Bundle, load_bundle
 from edge.encoder import AudioEncoder
+from edge.errors import BundleError
 from edge.events import Event, WindowInfo
 from edge.frontend import AudioFrontEnd
 from edge.llm import EngineOptions, LlmEngine, Prompt
 from edge.prompts import PromptSpec
-from edge.spec import FbankSpec, ResamplerSpec
+from edge.spec import FbankSpec, resampler_from_dict
 from edge.windowing import ActivityGate
 
 logger = logging.getLogger(__name__)
@@ -54,8 +55,12 @@ class Pipeline:
         self.llm = llm
         self.device_id = device_id
         self.gate = gate or ActivityGate(None)
-        # Bundles record the reference's resampler; one made before that field existed used the same filter.
-        sinc = ResamplerSpec.from_dict(audio["resampler"]) if "resampler" in audio else ResamplerSpec()
+        # The bundle names its resampling filter; one made before that field existed used torchaudio's windowed sinc
+        # and keeps it (the front end warns once that upstream's is resampy's).
+        try:
+            sinc = resampler_from_dict(audio.get("resampler"))
+        except (TypeError, ValueError) as e:
+            raise BundleError(f"{bundle.path / MANIFEST}: {e}") from None
         self.frontend = AudioFrontEnd(FbankSpec.from_dict(audio["fbank"]), float(audio["clip_seconds"]), sinc=sinc)
         self.sample_rate = int(audio["sample_rate"])
         self.clip_seconds = float(audio["clip_seconds"])

@@ -86,11 +86,17 @@ def audio_embeddings_per_clip(frames: int, window: int, stride: int) -> int:
 
 @dataclass(frozen=True)
 class ResamplerSpec:
-    """The reference resamples with torchaudio.functional.resample's defaults: a Hann-windowed sinc."""
+    """Upstream resamples with `resampy.resample(audio, sr, 16000)` (NatureLM/processors.py), whose default filter
+    `kaiser_best` is a Kaiser-windowed sinc tabulated at 2**precision points per zero crossing and read with linear
+    interpolation (edge/resample.py). Its parameters, read from resampy 0.4.3's shipped `kaiser_best.npz` (rolloff
+    and table size) and fitted to its table (beta: the regenerated table equals the shipped one to 1.5e-15)."""
 
-    kind: str = "windowed_sinc"
-    lowpass_filter_width: int = 6
-    rolloff: float = 0.99
+    kind: str = "resampy"
+    filter: str = "kaiser_best"
+    num_zeros: int = 50
+    precision: int = 13  # bits: 8192 table points per zero crossing
+    rolloff: float = 0.9173473712608761
+    beta: float = 12.984585247039956
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,7 +106,43 @@ class ResamplerSpec:
         return cls(**d)
 
 
+@dataclass(frozen=True)
+class WindowedSincSpec:
+    """torchaudio.functional.resample's defaults, a Hann-windowed sinc: the filter bundles recorded before they
+    recorded resampy's. Such a bundle keeps it (edge/frontend.py says once that it differs from upstream)."""
+
+    kind: str = "windowed_sinc"
+    lowpass_filter_width: int = 6
+    rolloff: float = 0.99
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> WindowedSincSpec:
+        return cls(**d)
+
+
 RESAMPLER = ResamplerSpec()
+#: What a manifest without an `audio.resampler` entry means: the bundles made before it existed used this filter.
+LEGACY_RESAMPLER = WindowedSincSpec()
+
+
+def resampler_from_dict(d: dict | None) -> ResamplerSpec | WindowedSincSpec:
+    """The resampler a manifest's `audio.resampler` names (None: a bundle from before the field, LEGACY_RESAMPLER).
+    Raises ValueError naming an unknown kind or key, TypeError for what is not a mapping."""
+    if d is None:
+        return LEGACY_RESAMPLER
+    if not isinstance(d, dict):
+        raise TypeError(f"audio.resampler must be a mapping, got {type(d).__name__}")
+    kinds = {"resampy": ResamplerSpec, "windowed_sinc": WindowedSincSpec}
+    kind = d.get("kind")
+    if kind not in kinds:
+        raise ValueError(f"audio.resampler.kind {kind!r} is not one this naturelm-edge knows ({', '.join(kinds)})")
+    try:
+        return kinds[kind].from_dict(d)
+    except TypeError as e:  # an unknown or missing key
+        raise ValueError(f"audio.resampler: {e}") from None
 
 
 @dataclass(frozen=True)

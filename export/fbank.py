@@ -1,10 +1,12 @@
 """The reference audio front end in plain torch: the oracle the device's numpy front end is tested against.
 
-BEATs turns a clip into features with torchaudio.compliance.kaldi.fbank, and NatureLM's processor loads audio with
-torchaudio.functional.resample. torchaudio is not a dependency of this project (it pins torch versions and drags in
-media libraries), so both are re-derived here from their definitions (Kaldi's feature-fbank / mel-computations, and
-torchaudio's windowed-sinc resampler), using torch ops only. This module favours being obviously right over being
-fast: it is only run on the workstation and in tests.
+BEATs turns a clip into features with torchaudio.compliance.kaldi.fbank, and NatureLM's processor (v1.0.2) resamples
+with resampy's `kaiser_best`. torchaudio is not a dependency of this project (it pins torch versions and drags in
+media libraries), so the fbank is re-derived here from its definition (Kaldi's feature-fbank / mel-computations) with
+torch ops. The resampler is edge/resample.py's numpy port of resampy, run in float64 as upstream runs it; it is
+tested against resampy itself (tests/test_resample.py), which is not a dependency of the workstation side either
+(it needs numba). torchaudio's windowed sinc (`sinc_resample`), the filter of bundles made before, stays for them.
+This module favours being obviously right over being fast: it is only run on the workstation and in tests.
 
 Every parameter comes from an `edge.spec.FbankSpec`; nothing about the fbank is written down here a second time.
 """
@@ -16,7 +18,8 @@ import math
 import numpy as np
 import torch
 
-from edge.spec import CLIP_SECONDS, FBANK, FbankSpec
+from edge.resample import resampy_resample
+from edge.spec import CLIP_SECONDS, FBANK, RESAMPLER, FbankSpec, ResamplerSpec, WindowedSincSpec
 
 __all__ = [
     "feature_window",
@@ -203,15 +206,17 @@ def sinc_resample(
 
 
 def reference_waveform(
-    audio: np.ndarray | torch.Tensor, sample_rate: int, spec: FbankSpec = FBANK, clip_seconds: float = CLIP_SECONDS
+    audio: np.ndarray | torch.Tensor, sample_rate: int, spec: FbankSpec = FBANK, clip_seconds: float = CLIP_SECONDS,
+    resampler: ResamplerSpec | WindowedSincSpec = RESAMPLER,
 ) -> torch.Tensor:
     """A clip as NatureLM's processor hands it to the model (NatureLMAudioProcessor.prepare_audio), float32.
 
     In its order: mono by averaging over the smaller axis (so (N, C) and (C, N) both work), resampling to the model
     rate, truncation to `clip_seconds`, right zero-padding to `clip_seconds`, clamping to [-1, 1]. The clamp comes
-    last, so resampler overshoot is clipped too. The reference uses torchaudio.functional.resample with its defaults;
-    `sinc_resample` is that algorithm, computed, like the reference's soundfile float64 input, in float64 (checked
-    once against torchaudio 2.11 at 8 to 96 kHz: equal to 1e-15).
+    last, so resampler overshoot is clipped too. Upstream resamples with `resampy.resample(audio, sr, 16000)`
+    (kaiser_best) on soundfile's float64 samples: `resampler` (default) is that, in float64. A WindowedSincSpec gives
+    torchaudio.functional.resample's defaults instead (`sinc_resample`, the processor before v1.0.1 and bundles made
+    before they recorded resampy's filter; checked once against torchaudio 2.11 at 8 to 96 kHz: equal to 1e-15).
     """
     if isinstance(audio, torch.Tensor):
         x = audio.detach().to("cpu", torch.float64)
@@ -222,7 +227,12 @@ def reference_waveform(
     if x.dim() != 1:
         raise ValueError(f"expected (N,) or 2-D audio, got shape {tuple(x.shape)}")
     if sample_rate != spec.sample_rate:
-        x = sinc_resample(x, sample_rate, spec.sample_rate)
+        if isinstance(resampler, WindowedSincSpec):
+            x = sinc_resample(x, sample_rate, spec.sample_rate, resampler.lowpass_filter_width, resampler.rolloff)
+        else:
+            x = torch.from_numpy(resampy_resample(
+                x.numpy(), sample_rate, spec.sample_rate, num_zeros=resampler.num_zeros,
+                precision=resampler.precision, rolloff=resampler.rolloff, beta=resampler.beta, dtype=np.float64))
     clip_samples = round(spec.sample_rate * clip_seconds)
     x = x[:clip_samples]
     x = torch.nn.functional.pad(x, (0, clip_samples - x.shape[0]))

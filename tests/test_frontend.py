@@ -1,11 +1,11 @@
 """The device's audio front end (edge/frontend.py) against the reference's loading and features (export/fbank.py).
 
-The default front end resamples with the reference's own filter (edge/resample.py, torchaudio's windowed sinc in
-numpy), so at every rate the two agree to float32 rounding. The `soxr` option (libsoxr "HQ") differs from the
-reference where the resamplers do: torchaudio's filter is already -0.13 dB at 6 kHz, -1.8 dB at 7 kHz and -5.9 dB at
-7.9 kHz, and lets 8.2-9 kHz through as aliases at -8 to -17 dB, while soxr HQ is flat to 7.4 kHz and cuts steeply
-above. For it the mel bins wholly below 6 kHz are held tightly and the top of the band only loosely (limits measured
-on the signals below, with ~1.5-2x headroom).
+The default front end resamples as upstream does, with resampy's kaiser_best (edge/resample.py; checked against
+resampy itself in tests/test_resample.py), so at every rate the two agree to float32 rounding. The `soxr` option
+(libsoxr "HQ") differs from the reference where the resamplers do: kaiser_best is -0.26 dB at 7 kHz, -14 dB at
+7.5 kHz and -49 dB at 7.8 kHz, while soxr HQ is flat to 7.4 kHz and cuts steeply above. For it the mel bins wholly
+below 6 kHz are held tightly and the top of the band only loosely (limits measured on the signals below, with ~1.5-2x
+headroom).
 """
 
 from __future__ import annotations
@@ -32,16 +32,16 @@ SR = FBANK.sample_rate
 
 # Normalised feature units. Without resampling: float32 channel averaging vs the reference's float64 (seen 1.2e-6).
 SAME_RATE_ATOL = 1e-5
-# With the reference's filter on the device: float32 polyphase vs the reference's float64 (waveform error ~3e-7); the
-# log amplifies it a little in the quietest bins. Seen: 8.9e-6 (44.1 kHz stereo).
+# With the reference's filter on the device: the same float64 resampling, then float32 channel averaging and fbank; the
+# log amplifies it a little in the quietest bins. Seen (with the earlier float32 sinc): 8.9e-6 (44.1 kHz stereo).
 RESAMPLED_ATOL = 5e-5
 # soxr: mel bins wholly below this share of Nyquist are where both resamplers are flat.
 PASSBAND_SHARE = 0.75
 # In the passband, single-FFT-bin mel bins at the bottom catch deep spectral fades in single frames, where the
-# resamplers' -57..-71 dB difference shows; seen: mean 1.4e-4, 99.9th percentile 1.9e-3, max 3.4e-2.
+# resamplers' small passband difference shows; seen: mean 3.1e-5, 99.9th percentile 8.6e-4, max 2.4e-2.
 PASSBAND_MEAN, PASSBAND_Q999, PASSBAND_MAX = 5e-4, 4e-3, 6e-2
-# Above it, the resamplers' different roll-off and aliasing; seen: mean 4.1e-2, max 0.53.
-TOPBAND_MEAN, TOPBAND_MAX = 8e-2, 0.8
+# Above it, the resamplers' different roll-off (kaiser_best's starts near 7 kHz); seen: mean 8.2e-2, max 0.43.
+TOPBAND_MEAN, TOPBAND_MAX = 0.12, 0.65
 
 
 def _passband_bins(spec: FbankSpec) -> int:
