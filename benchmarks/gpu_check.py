@@ -9,7 +9,8 @@ What it does:
      wheels) and TensorRT's libraries from PyPI in place of the CPU onnxruntime, and llama-cpp-python rebuilt with
      CMAKE_ARGS=-DGGML_CUDA=on (needs nvcc). On a Jetson use scripts/install-jetson.sh instead (it refuses --install);
   3. builds the `small` preset (production-shaped, random weights) and its bundle once into --work: `naturelm-edge
-     build --precision fp32,fp16,int8 --type Q4_K_M` (needs the workstation extra: pip install -e '.[export]');
+     build --precision fp32,fp16,int8 --type Q4_K_M` (--precision; needs the workstation extra:
+     pip install -e '.[export]');
   4. audio encoder (edge.encoder.AudioEncoder, what the daemon runs): the CPU fp32 run is the reference; then every
      precision of the bundle on CUDA and on TensorRT (fp16 kernels; TensorRT's int8 as edge/encoder.py configures
      it). Per variant: open + engine build time, warm-up, median ms per 10 s window, cosine and max |diff| of the
@@ -115,7 +116,7 @@ def child_env() -> dict:
 # --- 3. the small preset and its bundle ----------------------------------------------------------------------------
 
 
-def prepare(work: Path, py: str) -> Path:
+def prepare(work: Path, py: str, precisions: str) -> Path:
     bundle = work / "small-bundle"
     sys.path.insert(0, str(REPO))
     from edge.bundle import load_bundle
@@ -123,7 +124,7 @@ def prepare(work: Path, py: str) -> Path:
 
     try:
         m = load_bundle(bundle, verify="size").manifest
-        if set(PRECISIONS.split(",")) <= set(m["audio"]["encoders"]) and QTYPE in m["llm"]["models"]:
+        if set(precisions.split(",")) <= set(m["audio"]["encoders"]) and QTYPE in m["llm"]["models"]:
             log(f"reusing the bundle in {bundle}")
             return bundle
     except (NatureLMEdgeError, KeyError):
@@ -138,7 +139,7 @@ def prepare(work: Path, py: str) -> Path:
     shutil.rmtree(bundle, ignore_errors=True)
     log("building the bundle (minutes)")
     subprocess.run([py, "-m", "edge.cli", "build", "--naturelm", str(small / "naturelm"), "--llama",
-                    str(small / "llama"), "--out", str(partial), "--type", QTYPE, "--precision", PRECISIONS,
+                    str(small / "llama"), "--out", str(partial), "--type", QTYPE, "--precision", precisions,
                     "--no-quality", "--no-progress"], check=True, env=child_env(), cwd=REPO)
     partial.rename(bundle)
     return bundle
@@ -369,6 +370,9 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/naturelm-gpu-check"),
                     help="the small preset, its bundle and the TensorRT engines (reused while complete)")
     ap.add_argument("--windows", type=int, default=5, help="encoder windows timed per variant (default 5)")
+    ap.add_argument("--precision", default=PRECISIONS, metavar="LIST",
+                    help=f"encoder precisions to build into the bundle (default {PRECISIONS}); every encoder the "
+                         "bundle has is then run on each provider")
     ap.add_argument("--skip-llm", action="store_true", help="the encoder only")
     ap.add_argument("--out", type=Path, default=RESULTS, help=f"where the JSON goes (default {RESULTS})")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -394,11 +398,11 @@ def main(argv=None) -> int:
         install(py)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    bundle = prepare(work, py)
+    bundle = prepare(work, py, args.precision)
     state = work / "state"
     state.mkdir(exist_ok=True)
     manifest = json.loads((bundle / "manifest.json").read_text())
-    precisions = [p for p in PRECISIONS.split(",") if p in manifest["audio"]["encoders"]]
+    precisions = sorted(manifest["audio"]["encoders"])  # all of them, a static int8 one included where built
 
     report: dict = {"what": "the project's encoder and LLM on CUDA and TensorRT against the CPU, small preset "
                             "(production-shaped, random weights)",
