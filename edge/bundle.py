@@ -130,8 +130,58 @@ class Bundle:
         return self.path / name
 
 
-def load_bundle(bundle_dir: Path, verify: str = "full") -> Bundle:
-    """Open a bundle and check it. verify: "full" (size + sha256 of every file), "size", or "none"."""
+#: In the state directory: sha256 of bundle files already verified, by file identity (see HashCache).
+HASH_CACHE = "bundle-hashes.json"
+
+
+class HashCache:
+    """sha256 of files verified before, keyed by path and file identity (device, inode, size, mtime in ns), so that
+    a restart does not re-hash a multi-GB bundle: a service that restarts every few minutes (a dead microphone
+    before the daemon pinged the watchdog regardless) spent most of its life hashing. Any change to a file (a copy,
+    an edit, a new file under the same name) changes its inode, size or mtime, and the file is hashed again. The
+    cache is one JSON file written like the manifest: to a temporary file, then renamed over the old one.
+
+    It guards against corruption between the workstation and the card (a truncated copy, a bad transfer), which is
+    what `verify: full` is for; it does not guard against a file rewritten in place with its mtime forged back."""
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / HASH_CACHE
+        try:
+            data = json.loads(self.path.read_text())
+            self.entries = data["files"] if isinstance(data, dict) and isinstance(data.get("files"), dict) else {}
+        except (OSError, UnicodeDecodeError, ValueError):
+            self.entries = {}
+        self.hits = 0
+
+    @staticmethod
+    def identity(st: os.stat_result) -> list:
+        return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+
+    def get(self, f: Path, st: os.stat_result) -> str | None:
+        entry = self.entries.get(str(f.resolve()))
+        if isinstance(entry, dict) and entry.get("identity") == self.identity(st):
+            self.hits += 1
+            return entry.get("sha256")
+        return None
+
+    def put(self, f: Path, st: os.stat_result, digest: str) -> None:
+        self.entries[str(f.resolve())] = {"identity": self.identity(st), "sha256": digest}
+
+    def save(self) -> None:
+        """Best effort: a cache that cannot be written only costs the next start a re-hash."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"files": self.entries}, indent=1, sort_keys=True) + "\n")
+            os.replace(tmp, self.path)
+        except OSError as e:
+            logger.warning("cannot write the bundle hash cache %s (%s); the next start hashes the bundle again",
+                           self.path, e.strerror or e)
+
+
+def load_bundle(bundle_dir: Path, verify: str = "full", cache_dir: Path | None = None) -> Bundle:
+    """Open a bundle and check it. verify: "full" (size + sha256 of every file), "size", or "none". With
+    `cache_dir` (the daemon's state directory), "full" hashes each file once per file identity (HashCache)."""
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():
         raise BundleError(f"{bundle_dir}: bundle directory not found")
@@ -139,16 +189,29 @@ def load_bundle(bundle_dir: Path, verify: str = "full") -> Bundle:
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise BundleError(f"{bundle_dir / MANIFEST}: lists no files")
+    cache = HashCache(cache_dir) if verify == "full" and cache_dir is not None else None
+    hashed = 0
     for name, info in sorted(files.items()):
         f = bundle_dir / name
         if not f.is_file():
             raise BundleError(f"{f}: listed in the manifest but missing")
-        if verify in ("full", "size") and f.stat().st_size != info.get("size"):
-            raise BundleError(f"{f}: size {f.stat().st_size} does not match the manifest ({info.get('size')}); "
+        st = f.stat()
+        if verify in ("full", "size") and st.st_size != info.get("size"):
+            raise BundleError(f"{f}: size {st.st_size} does not match the manifest ({info.get('size')}); "
                               "the file is truncated or was replaced")
         if verify == "full":
-            digest = sha256_file(f)
+            digest = cache.get(f, st) if cache is not None else None
+            if digest is None:
+                digest = sha256_file(f)
+                hashed += 1
             if digest != info.get("sha256"):
                 raise BundleError(f"{f}: sha256 {digest[:16]}... does not match the manifest "
                                   f"({str(info.get('sha256'))[:16]}...); the file is corrupt or was replaced")
+            if cache is not None:
+                cache.put(f, st, digest)
+    if cache is not None:
+        if hashed:
+            cache.save()
+        logger.info("bundle %s: sha256 of %d file(s) checked, %d hashed now, %d unchanged since verified (%s)",
+                    bundle_dir, len(files), hashed, cache.hits, cache.path)
     return Bundle(path=bundle_dir, manifest=manifest)

@@ -12,10 +12,12 @@ Threads, not processes (one model in memory, shared counters, no IPC):
   mqtt       paho's network loop with reconnects (edge/mqtt.py)
   drainer    outbox -> MQTT, deleting each event once the broker acknowledged it (edge/drainer.py)
 
-systemd: READY=1 once the bundle is loaded and warmed up; WATCHDOG=1 only while the audio source delivered frames
-within the watchdog interval *and* the inference worker completed a window within it (or is idle with nothing
-pending), so a dead microphone or a hung model stops the pings and systemd restarts the service. A timer thread that
-pinged regardless would only prove that Python still runs. SIGTERM: STOPPING=1, finish the window in hand, give the
+systemd: READY=1 once the bundle is loaded and warmed up; WATCHDOG=1 only while the inference worker finished a
+window within the watchdog interval (or is idle with nothing pending), so a hung model stops the pings and systemd
+restarts the service. A timer thread that pinged regardless would only prove that Python still runs. The watchdog
+guards against hangs, not missing hardware: a microphone that is absent at boot or stops delivering is retried by
+the source itself (a restart cannot plug it in; restarting every WatchdogSec only re-loaded the model), while the
+main loop keeps pinging and the status says `degraded` (`no_audio`, "no audio since T") until audio flows again. SIGTERM: STOPPING=1, finish the window in hand, give the
 broker a few seconds to take what the outbox holds, publish `stopped`. SIGHUP: re-read the config and apply the
 prompt list, the gate threshold, the scheduling thresholds and the privacy settings without reloading the bundle.
 
@@ -32,7 +34,7 @@ import signal
 import threading
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from edge import gpu_check
@@ -46,7 +48,7 @@ from edge.mqtt import OFFLINE, STOPPED, MqttLink
 from edge.outbox import BUSY_TIMEOUT_S, LOCKED, Outbox, OutboxError
 from edge.ringbuffer import RingBuffer, WindowScheduler
 from edge.scheduler import PromptScheduler
-from edge.sources import AudioSource, make_source
+from edge.sources import AudioSource, make_source, probe_source
 from edge.stores import ClipStore, EmbeddingStore
 from edge.systemd_notify import Notifier
 
@@ -109,6 +111,9 @@ class Daemon:
         self._failing_cause: str | None = None  # the cause of the current run of failing windows, logged once
         self._failing_since: str | None = None
         self._failing_reason: str | None = None
+        self._no_audio_since: float | None = None  # the stall that `no_audio` reports
+        self._worker_polled = time.monotonic()  # the inference worker last asked for a window
+        self._next_wd = self._next_health = 0.0  # monotonic times of the next watchdog ping and health report
 
     # --- start-up ---------------------------------------------------------------------------------------------------
 
@@ -119,6 +124,12 @@ class Daemon:
             cfg.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"{cfg.path}: state_dir: cannot create {cfg.state_dir} ({e.strerror})") from None
+        if cfg.source.type == "file":
+            # Not audio is not a microphone that may come back: one line naming the file, no retries.
+            try:
+                probe_source(cfg.source)
+            except NatureLMEdgeError as e:
+                raise ConfigError(f"{cfg.path}: source.file.path: {e}") from None
         self.outbox = self._open_outbox()
         self.link = MqttLink(cfg.mqtt, cfg.device_id, password, degraded=self.degraded)
         self.drainer = OutboxDrainer(self.outbox, self.link, cfg.mqtt.max_inflight)
@@ -180,15 +191,21 @@ class Daemon:
             gate.threshold_dbfs = dbfs
 
     def _open_source(self) -> bool:
-        """Open the source, retrying with backoff (a microphone may be plugged in late). False if stopped first."""
+        """Open the source; a microphone is retried with backoff (it may be plugged in late) while the watchdog is
+        still fed and the status says `no_audio`. False if stopped first."""
         delay = self.cfg.source.reconnect_min_delay_s
+        since = utc_iso(datetime.now(timezone.utc))
         while not self._stop.is_set():
             source = make_source(self.cfg.source)
             try:
                 source.open()
             except NatureLMEdgeError as e:
+                if self.cfg.source.type != "mic":  # a file or a pipe does not get better by waiting
+                    raise ConfigError(f"{self.cfg.path}: source.{self.cfg.source.type}: {e}") from None
+                self.degraded.set("no_audio", f"no audio since {since}: cannot open the microphone "
+                                              f"({str(e).splitlines()[0]})")
                 logger.error("cannot open the audio source: %s; retrying in %.1f s", e, delay)
-                if self._wait(delay):
+                if self._wait(delay, alive=True):
                     return False
                 delay = min(2 * delay, self.cfg.source.reconnect_max_delay_s)
                 continue
@@ -204,18 +221,49 @@ class Daemon:
             return True
         return False
 
-    def _wait(self, seconds: float) -> bool:
-        """Sleep that still serves signals; True when asked to stop."""
+    def _wait(self, seconds: float, alive: bool = False) -> bool:
+        """Sleep that still serves signals (and, `alive`, the watchdog and health); True when asked to stop."""
         end = time.monotonic() + seconds
         while time.monotonic() < end:
-            if self._stop.wait(min(_TICK_S * 4, end - time.monotonic())):
+            if alive:
+                self._keep_alive()
+            if self._stop.wait(min(_TICK_S * 4, max(0.0, end - time.monotonic()))):
                 return True
         return self._stop.is_set()
+
+    def _keep_alive(self) -> None:
+        """What the main loop does whatever else happens: watchdog pings (when no window hangs), health reports, and
+        the `no_audio` reason."""
+        now = time.monotonic()
+        wd = self.notifier.watchdog_s if self.cfg.watchdog.enabled else None
+        if wd and now >= self._next_wd:
+            self._ping_watchdog()
+            self._next_wd = now + wd / 2  # twice per interval, as sd_watchdog_enabled(3) advises
+        self._check_audio()
+        if now >= self._next_health:
+            self._publish_health()
+            self._next_health = now + self.cfg.health.interval_s
+
+    def _check_audio(self) -> None:
+        """`no_audio` while the source is stalled (the source reopens it itself); cleared once frames flow again."""
+        s = self.source
+        if s is None:
+            return  # still opening: _open_source says why
+        stalled = s.stalled_since
+        if stalled is not None:
+            if self._no_audio_since != stalled:
+                self._no_audio_since = stalled
+                t = datetime.now(timezone.utc) - timedelta(seconds=time.monotonic() - stalled)
+                self.degraded.set("no_audio", f"no audio from {s.name} since {utc_iso(t)}")
+        elif self.ring is not None and self.ring.write_pos > 0:
+            self._no_audio_since = None
+            self.degraded.clear("no_audio")
 
     # --- inference worker --------------------------------------------------------------------------------------------
 
     def _inference(self) -> None:
         while not self._stop.is_set():
+            self._worker_polled = time.monotonic()
             w = self.scheduler.get(timeout=0.2)
             if w is None:
                 continue
@@ -340,19 +388,20 @@ class Daemon:
     # --- watchdog, health, reload ---------------------------------------------------------------------------------
 
     def _liveness(self, interval: float) -> tuple[str, str] | None:
-        """None when audio and inference are alive within `interval`, else (what, why) of the first problem."""
-        if self.source is None:
-            return "source", "the audio source is not open"
-        if not self.source.frames_within(interval):
-            return "source", f"no audio frames from {self.source.name} for more than {interval:g} s"
+        """None when inference is alive within `interval`, else (what, why). Audio is not judged here: a missing
+        microphone is `no_audio` (degraded), not a hang to restart for."""
+        if self.scheduler is None:
+            return None
         c = self.counters
         busy = c.busy_since
         if busy is not None and time.monotonic() - busy > interval:
             return "inference", f"inference has been on one window for {time.monotonic() - busy:.0f} s"
-        # Failed windows count as finished: a full disk is a fault to report, not a hang to restart for.
-        if busy is None and self.scheduler.pending() and time.monotonic() - c.last_finished > interval:
-            return "inference", (f"no window finished for {time.monotonic() - c.last_finished:.0f} s with windows "
-                                 "pending")
+        # Between windows the worker polls for the next one every 0.2 s; a worker that stopped polling while windows
+        # wait is dead or stuck outside a window. (Failed windows are finished windows: a full disk is a fault to
+        # report, not a hang to restart for; and a long silence of the microphone is not a hang either.)
+        idle = time.monotonic() - self._worker_polled
+        if busy is None and self.scheduler.pending() and idle > interval:
+            return "inference", f"the inference worker has taken no window for {idle:.0f} s with windows pending"
         return None
 
     def _ping_watchdog(self) -> None:
@@ -428,6 +477,7 @@ class Daemon:
         self._prepare()
         self.link.start()
         self.drainer.start()
+        self._next_wd, self._next_health = time.monotonic(), time.monotonic() + self.cfg.health.interval_s
         clean = False
         try:
             self._load_model()
@@ -443,22 +493,13 @@ class Daemon:
         return 0
 
     def _main_loop(self) -> None:
-        wd = self.notifier.watchdog_s if self.cfg.watchdog.enabled else None
-        next_wd = time.monotonic()
-        next_health = time.monotonic() + self.cfg.health.interval_s
         draining = False
         while not self._stop.is_set():
             self.scheduler.pump()
-            now = time.monotonic()
             if self._reload.is_set():
                 self._reload.clear()
                 self._do_reload()
-            if wd and now >= next_wd:
-                self._ping_watchdog()
-                next_wd = now + wd / 2  # twice per interval, as sd_watchdog_enabled(3) advises
-            if now >= next_health:
-                self._publish_health()
-                next_health = now + self.cfg.health.interval_s
+            self._keep_alive()
             if self._source_done():
                 # A finite source (file, stdin) is done: deliver everything, then stop.
                 if not draining:

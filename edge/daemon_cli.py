@@ -16,6 +16,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     from edge.bundle import load_bundle
     from edge.config import load_config, read_mqtt_password
+    from edge.errors import ConfigError
 
     cfg = load_config(Path(args.config))
     m = cfg.mqtt
@@ -23,6 +24,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         password = f"credential {m.password_credential!r} is read at run time from $CREDENTIALS_DIRECTORY (not checked)"
     else:
         password = "readable" if read_mqtt_password(m, str(cfg.path)) is not None else "none"
+    if cfg.source.type == "file":
+        from edge.errors import NatureLMEdgeError
+        from edge.sources import probe_source
+
+        try:
+            probe_source(cfg.source)
+        except NatureLMEdgeError as e:
+            raise ConfigError(f"{cfg.path}: source.file.path: {e}") from None
     # Sizes only: hashing a multi-GB bundle is the daemon's job at start-up (bundle.verify).
     bundle = load_bundle(cfg.bundle.path, verify="size")
     print(f"{cfg.path}: OK")
@@ -47,7 +56,9 @@ def register(sub) -> None:
             "Capture audio, cut it into windows, ask the configured prompts of every window and publish the answers "
             "over MQTT at QoS 1 through a durable outbox. Signals: SIGTERM stops gracefully, SIGHUP reloads the "
             "prompts and the gate threshold. Under systemd it reports READY once the model is warm and pings the "
-            "watchdog only while audio arrives and windows complete."
+            "watchdog only while windows complete (a missing microphone is a degraded status, not a restart). Exit "
+            "status: 2 configuration or input refused, 75 outbox locked or disk full, 77 outbox not writable, "
+            "74 other I/O error (systemd/README.md)."
         ),
     )
     p.add_argument("--config", required=True, metavar="FILE", help="daemon configuration (YAML; see examples/daemon.yaml)")

@@ -70,7 +70,6 @@ class WindowCounters:
         self.events = 0
         self.busy_since: float | None = None  # monotonic start of the window being processed
         self.last_done = time.monotonic()  # last window completed successfully (or start-up)
-        self.last_finished = self.last_done  # last window finished, failed or not (liveness: not hung)
         self.failed_in_a_row = 0
         self.last_streak = 0  # failures in a row before the last success
         self.last_error: dict | None = None  # {"window", "time", "error"} of the last failed window
@@ -88,7 +87,6 @@ class WindowCounters:
                 self._busy_s += now - self.busy_since
                 self._windows += 1
             self.busy_since = None
-            self.last_finished = now
             if ok:
                 self.processed += 1
                 self.gated += int(gated)

@@ -135,7 +135,7 @@ def open_pipeline(bundle_dir: Path, prompts: list[PromptSpec], *, device_id: str
                   state_dir: Path | None = None, verify: str = "full", gate_dbfs: float | None = None,
                   lora_scale: float | None = None, threads: int = 0, llm_threads: int | None = None) -> Pipeline:
     """Load and check the bundle, open the encoder and the LLM (both warmed up), ready for `process`."""
-    bundle = load_bundle(Path(bundle_dir), verify=verify)
+    bundle = load_bundle(Path(bundle_dir), verify=verify, cache_dir=state_dir)
     encoder = AudioEncoder(bundle, precision=precision, provider=provider, state_dir=state_dir, threads=threads)
     llm = LlmEngine.from_bundle(bundle, EngineOptions(model_type=quantization, n_gpu_layers=n_gpu_layers,
                                                        lora_scale=lora_scale, n_threads=llm_threads))

@@ -314,11 +314,7 @@ class FileSource(AudioSource):
         self.paced = cfg.file.realtime
 
     def open(self) -> None:
-        from edge.audio_io import probe
-
-        info = probe(self.cfg.file.path)
-        if info.frames == 0:
-            raise AudioError(f"{info.path}: holds no audio frames")
+        info = probe_file(self.cfg.file.path)
         self.sample_rate, self.channels = info.sample_rate, info.channels
 
     def _run(self) -> None:
@@ -422,6 +418,23 @@ class StdinSource(AudioSource):
             self.ended = True
             self.ring.closed = True
             logger.info("stdin ended")
+
+
+def probe_file(path):
+    """The file's rate, channels and length; AudioError naming it when it is not audio libsndfile reads, or empty."""
+    from edge.audio_io import probe
+
+    info = probe(path)
+    if info.frames == 0:
+        raise AudioError(f"{info.path}: holds no audio frames")
+    return info
+
+
+def probe_source(cfg: SourceConfig) -> None:
+    """Check what can be checked of a source without starting it (`check-config` and the daemon's start): a file
+    source's file must be audio. A microphone may be plugged in later and stdin is not there yet: nothing to check."""
+    if cfg.type == "file":
+        probe_file(cfg.file.path)
 
 
 def make_source(cfg: SourceConfig) -> AudioSource:

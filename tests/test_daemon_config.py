@@ -206,6 +206,10 @@ def test_check_config_cli(tmp_path, base):
     (tmp_path / "bundle" / "manifest.json").write_text(json.dumps({
         "format": "naturelm-edge-bundle", "format_version": 1, "files": {"x.bin": {"sha256": "0" * 64, "size": 3}}}))
     (tmp_path / "bundle" / "x.bin").write_bytes(b"abc")
+    import numpy as np
+    import soundfile as sf
+
+    sf.write(str(tmp_path / "a.wav"), np.zeros(800, dtype=np.float32), 8000)
     good = _write(tmp_path, base)
     r = _cli("check-config", str(good))
     assert r.returncode == 0, r.stderr
@@ -215,3 +219,11 @@ def test_check_config_cli(tmp_path, base):
     r = _cli("check-config", str(_write(tmp_path, base)))
     assert r.returncode == 2
     assert r.stderr.strip() == f"naturelm-edge: error: {good}: mqtt.port: must be an integer 1..65535, got 'abc'"
+
+    # A file source that is not audio is refused here, not retried forever by the daemon.
+    base["mqtt"]["port"] = 1883
+    (tmp_path / "a.wav").write_text("not audio\n")
+    r = _cli("check-config", str(_write(tmp_path, base)))
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith(f"naturelm-edge: error: {good}: source.file.path: {tmp_path / 'a.wav'}: not a "
+                                       "readable audio file ("), r.stderr

@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
+import time
 
 import pytest
 import yaml
 from disk_faults import fill_disk
 from mqtt_broker import Subscriber
-from test_daemon_e2e import PROMPTS, Daemon, _config, _until, _wav
+from test_daemon_e2e import FAKE_SD_DIR, PROMPTS, Daemon, NotifySocket, _config, _until, _wav
 from test_outbox import make_events
 from test_outbox_faults import LockHolder
 
@@ -131,3 +132,102 @@ def test_a_full_disk_fails_windows_counted_degraded_and_the_loop_goes_on(tiny_fu
     for e in sub.events():
         assert by_seq.setdefault(e["seq"], e["event_id"]) == e["event_id"], "one seq, two events"
     sub.close()
+
+
+def test_no_microphone_at_boot_feeds_the_watchdog_says_no_audio_and_recovers(tiny_full_bundle, mqtt_broker, daemons,
+                                                                               tmp_path):
+    """A recorder booted without its microphone: no restart loop (the watchdog is fed), a retained `degraded`
+    status naming the problem, and recording once the device appears. A restart (as after any fault) finds the
+    bundle's hashes in the state directory's cache and does not hash it again."""
+    control = tmp_path / "sd"
+    control.mkdir()
+    (control / "absent").touch()
+    notify = NotifySocket(tmp_path / "notify")
+    cfg = _config(tmp_path, tiny_full_bundle, mqtt_broker.port,
+                  {"type": "mic", "mic": {"device": "USB", "block_s": 0.05}, "stall_timeout_s": 0.5,
+                   "reconnect_min_delay_s": 0.2, "reconnect_max_delay_s": 0.5},
+                  windowing={"window_s": 1.0, "hop_s": 1.0})
+    cfg.write_text(cfg.read_text().replace("verify: size", "verify: full"))
+    sub = Subscriber(mqtt_broker.port, ["naturelm/#"])
+    env = {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000", "FAKE_SD_CONTROL": str(control)}
+    d = daemons(cfg, env=env, pythonpath=[FAKE_SD_DIR])
+    _until(lambda: notify.has("READY=1"), 60, "READY=1", d)
+    assert ", 0 unchanged since verified" in d.log  # the first start hashes the bundle
+    sub.wait_for(lambda s: s.on("/status")[-1:] == ["degraded"] and "cannot open the microphone" in
+                 json.loads(s.on("/degraded")[-1])["reasons"].get("no_audio", {}).get("reason", ""),
+                 timeout=20, what="degraded: no_audio at boot")
+    reason = json.loads(sub.on("/degraded")[-1])["reasons"]["no_audio"]["reason"]
+    assert reason.startswith("no audio since 20"), reason
+    t0 = time.monotonic()
+    time.sleep(3.0)
+    assert len(notify.pings(since=t0)) >= 4, "the watchdog must be fed while the microphone is missing"
+    assert d.proc.poll() is None
+
+    (control / "absent").unlink()  # plugged in
+    _until(lambda: len(sub.events()) >= 3, 30, "events once the microphone is there", d)
+    sub.wait_for(lambda s: "no_audio" not in json.loads(s.on("/degraded")[-1])["reasons"], timeout=15,
+                 what="no_audio cleared")
+    d.signal(signal.SIGTERM)
+    assert d.wait(60) == 0, d.log
+
+    again = daemons(cfg, env=env, pythonpath=[FAKE_SD_DIR])
+    _until(lambda: "unchanged since verified" in again.log, 60, "the bundle check on restart", again)
+    line = next(ln for ln in again.log.splitlines() if "unchanged since verified" in ln)
+    assert "0 hashed now" in line, line
+    again.signal(signal.SIGTERM)
+    assert again.wait(60) == 0, again.log
+    sub.close()
+    notify.close()
+
+
+def test_a_file_source_that_is_not_audio_exits_at_once_naming_it(tmp_path, daemons):
+    (tmp_path / "bundle").mkdir()
+    notes = tmp_path / "notes.wav"
+    notes.write_text("field notes, not a recording\n")
+    cfg = _no_model_config(tmp_path, tmp_path / "state")
+    cfg.write_text(cfg.read_text().replace(str(tmp_path / "a.wav"), str(notes)))
+    d = daemons(cfg)
+    assert d.wait(30) == 2, d.log
+    assert _last_line(d).startswith(f"naturelm-edge: error: {cfg}: source.file.path: {notes}: not a readable audio "
+                                    "file (")
+    assert "retrying" not in d.log and "Traceback" not in d.log
+
+
+def test_bundle_hashes_are_verified_once_per_file_identity(tmp_path, monkeypatch):
+    import os
+
+    import edge.bundle
+    from edge.bundle import load_bundle, update_manifest
+    from edge.errors import BundleError
+
+    b = tmp_path / "bundle"
+    b.mkdir()
+    (b / "a.bin").write_bytes(os.urandom(4096))
+    (b / "b.bin").write_bytes(os.urandom(4096))
+    update_manifest(b, "audio", {}, files=["a.bin", "b.bin"])
+    hashed = []
+    real = edge.bundle.sha256_file
+    monkeypatch.setattr(edge.bundle, "sha256_file", lambda p: (hashed.append(p.name), real(p))[1])
+    state = tmp_path / "state"
+
+    load_bundle(b, verify="full", cache_dir=state)
+    assert sorted(hashed) == ["a.bin", "b.bin"]
+    load_bundle(b, verify="full", cache_dir=state)
+    assert len(hashed) == 2  # a restart hashes nothing
+
+    # Same size, new bytes (a bad copy, an edit): a new mtime, so it is hashed again, and refused.
+    data = bytearray((b / "a.bin").read_bytes())
+    data[100] ^= 0xFF
+    (b / "a.bin").write_bytes(bytes(data))
+    os.utime(b / "a.bin", ns=(1, 1))
+    try:
+        load_bundle(b, verify="full", cache_dir=state)
+        raise AssertionError("a changed file passed")
+    except BundleError as e:
+        assert "a.bin: sha256" in str(e)
+    assert hashed[2:] == ["a.bin"]
+    # Without a cache directory (check-config, infer) every file is hashed, as before.
+    update_manifest(b, "audio", {}, files=["a.bin"])
+    hashed.clear()
+    load_bundle(b, verify="full")
+    assert sorted(hashed) == ["a.bin", "b.bin"]
