@@ -51,6 +51,7 @@ from edge.scheduler import PromptScheduler
 from edge.sources import AudioSource, make_source, probe_source
 from edge.stores import ClipStore, EmbeddingStore
 from edge.systemd_notify import Notifier
+from edge.thermal import ThermalReader
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,11 @@ class Daemon:
         self.ring: RingBuffer | None = None
         self.scheduler: WindowScheduler | None = None
         self.counters = WindowCounters(cfg.windowing.hop_s)
-        self.prompt_scheduler = PromptScheduler(cfg.scheduling, cfg.windowing.hop_s, cfg.privacy.prompt_id)
+        # One reader of the thermal zones, off the inference thread; health and the scheduler see the same sample.
+        th = cfg.scheduling.thermal
+        self.thermal = ThermalReader(th.zones, th.interval_s)
+        self.prompt_scheduler = PromptScheduler(cfg.scheduling, cfg.windowing.hop_s, cfg.privacy.prompt_id,
+                                                read_temperatures=lambda zones: self.thermal.temperatures())
         self.privacy_counts = {"windows": 0, "clips_withheld": 0, "embeddings_withheld": 0, "events_withheld": 0}
         self.stores: dict = {}
         self._worker: threading.Thread | None = None
@@ -424,7 +429,9 @@ class Daemon:
                             scheduling=self.prompt_scheduler.health(),
                             privacy=dict(self.privacy_counts) if self.cfg.privacy.prompt_id else None,
                             degraded=self.degraded.snapshot(),
-                            events_held=len(self._held), events_lost=self.events_lost)
+                            events_held=len(self._held), events_lost=self.events_lost,
+                            temperatures=self.thermal.temperatures(),
+                            thermal_unresponsive=self.thermal.unresponsive())
 
     def _publish_health(self) -> None:
         h = self.health()
@@ -445,6 +452,7 @@ class Daemon:
             return
         self._apply_gate(new.windowing.gate_dbfs)
         self.prompt_scheduler.configure(new.scheduling, new.privacy.prompt_id)
+        self.thermal.configure(new.scheduling.thermal.zones, new.scheduling.thermal.interval_s)
         self.cfg = replace(self.cfg, prompts=new.prompts,
                            windowing=replace(self.cfg.windowing, gate_dbfs=new.windowing.gate_dbfs),
                            scheduling=new.scheduling, privacy=new.privacy)
@@ -475,6 +483,7 @@ class Daemon:
             self._install_signals()
         logger.info("naturelm-edge daemon: %s", self.cfg.summary())
         self._prepare()
+        self.thermal.start()
         self.link.start()
         self.drainer.start()
         self._next_wd, self._next_health = time.monotonic(), time.monotonic() + self.cfg.health.interval_s
@@ -551,6 +560,7 @@ class Daemon:
             self.outbox.close()
         if self.pipeline is not None and hasattr(self.pipeline, "close"):
             self.pipeline.close()
+        self.thermal.stop()
         self.notifier.close()
         logger.info("stopped")
 

@@ -402,7 +402,7 @@ def check_clock(now: datetime | None = None, ntp=ntp_status) -> Check:
 
 def check_thermal(cfg) -> Check:
     from edge.config import SchedulingConfig
-    from edge.scheduler import read_zone_temperatures
+    from edge.thermal import read_zone_temperatures
 
     t = (cfg.scheduling if cfg is not None else SchedulingConfig()).thermal
     if not t.enabled:

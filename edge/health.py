@@ -1,14 +1,14 @@
 """Health: the daemon's counters and the device's vital signs, published every `health.interval_s` on
 `{prefix}/{device_id}/health` and summarised in one log line.
 
-Everything here is cheap to read and needs no extra package: temperatures from /sys/class/thermal (on a Jetson the
-CPU, GPU and SoC zones; thermal throttling is the usual cause of a real-time factor creeping up in summer), disk free
-from statvfs of the state directory (the outbox and clips live there), resident memory from /proc/self/statm.
+Everything here is cheap to read and needs no extra package: temperatures of the configured thermal zones, as the
+daemon's one ThermalReader last sampled them (edge/thermal.py; on a Jetson the CPU, GPU and SoC zones; thermal
+throttling is the usual cause of a real-time factor creeping up in summer), disk free from statvfs of the state
+directory (the outbox and clips live there), resident memory from /proc/self/statm.
 """
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import shutil
@@ -22,24 +22,6 @@ from edge.events import utc_iso
 logger = logging.getLogger(__name__)
 
 HEALTH_SCHEMA_VERSION = 1
-
-
-def read_temperatures(root: str = "/sys/class/thermal") -> dict[str, float]:
-    """{zone type (or zone name): degrees Celsius} of every readable thermal zone."""
-    temps = {}
-    for zone in sorted(glob.glob(os.path.join(root, "thermal_zone*"))):
-        try:
-            milli = int(Path(zone, "temp").read_text().strip())
-        except (OSError, ValueError):
-            continue  # some zones refuse reads while their sensor sleeps
-        try:
-            name = Path(zone, "type").read_text().strip() or Path(zone).name
-        except OSError:
-            name = Path(zone).name
-        if name in temps:
-            name = f"{name}.{Path(zone).name}"
-        temps[name] = round(milli / 1000.0, 1)
-    return temps
 
 
 def disk_free(path: Path) -> int | None:
@@ -113,10 +95,11 @@ class WindowCounters:
 def build_health(*, device_id: str, started_monotonic: float, counters: WindowCounters, rtf: float | None,
                  scheduler, ring, source, outbox, drainer, link, model: dict, state_dir: Path,
                  stores: dict, scheduling: dict | None = None, privacy: dict | None = None,
-                 degraded: dict | None = None, events_held: int = 0, events_lost: int = 0) -> dict:
+                 degraded: dict | None = None, events_held: int = 0, events_lost: int = 0,
+                 temperatures: dict | None = None, thermal_unresponsive: list | None = None) -> dict:
     """The health report. `scheduling`: PromptScheduler.health() (shed level, skips per prompt id); `privacy`: counts of
     windows the privacy prompt flagged and of what was withheld because of them."""
-    temps = read_temperatures()
+    temps = dict(temperatures or {})
     src = source.health() if source is not None else {}
     return {
         "schema_version": HEALTH_SCHEMA_VERSION,
@@ -154,6 +137,8 @@ def build_health(*, device_id: str, started_monotonic: float, counters: WindowCo
         "model": model,
         "temperatures_c": temps,
         "temperature_max_c": max(temps.values()) if temps else None,
+        # Configured zones whose read did not return in time (edge/thermal.py); they are skipped until it does.
+        "thermal_zones_unresponsive": list(thermal_unresponsive or []),
         "disk_free_bytes": disk_free(state_dir),
         "rss_bytes": rss_bytes(),
         **{f"{name}_saved": store.saved for name, store in stores.items()},

@@ -33,11 +33,11 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 
 from edge.config import DEFAULT_THERMAL_ZONES, SchedulingConfig
 from edge.events import WindowInfo
 from edge.prompts import PromptSpec
+from edge.thermal import read_zone_temperatures
 
 logger = logging.getLogger(__name__)
 
@@ -46,30 +46,6 @@ logger = logging.getLogger(__name__)
 RTF_WINDOWS = 8
 #: Fewer windows than this since the last step give no real-time factor (one slow window is not a trend).
 RTF_MIN_WINDOWS = 3
-
-
-def read_zone_temperatures(patterns) -> dict[str, float]:
-    """{zone name: degrees Celsius} of every readable match of `patterns` (globs). A match is a file holding
-    millidegrees (Linux's thermal_zone*/temp), or a directory holding such a `temp` file; the zone's name is the
-    `type` file beside it where there is one (on a Jetson: cpu-thermal, gpu-thermal, tj-thermal, ...)."""
-    temps: dict[str, float] = {}
-    for pattern in patterns:
-        for match in sorted(glob.glob(pattern)):
-            path = Path(match)
-            if path.is_dir():
-                path = path / "temp"
-            try:
-                milli = int(path.read_text().strip())
-            except (OSError, ValueError):
-                continue  # a zone whose sensor sleeps, or a file that is not a temperature
-            try:
-                name = (path.parent / "type").read_text().strip() or str(path)
-            except OSError:
-                name = str(path)
-            if name in temps:
-                name = f"{name}.{path.parent.name}"
-            temps[name] = round(milli / 1000.0, 1)
-    return temps
 
 
 @dataclass(frozen=True)
@@ -85,7 +61,10 @@ class Plan:
 
 
 class PromptScheduler:
-    """Used by the inference worker only (plan, window_done); `health` may be read from any thread."""
+    """Used by the inference worker only (plan, window_done); `health` may be read from any thread.
+
+    `read_temperatures(zones)`: in the daemon, the cached sample of its ThermalReader (edge/thermal.py), the same
+    values health reports, so that the inference thread never waits for a sensor."""
 
     def __init__(self, cfg: SchedulingConfig, hop_s: float, privacy_prompt: str | None = None,
                  clock=time.monotonic, read_temperatures=read_zone_temperatures):

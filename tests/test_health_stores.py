@@ -12,7 +12,7 @@ import soundfile as sf
 
 from edge.config import StoreConfig
 from edge.events import WindowInfo
-from edge.health import WindowCounters, disk_free, read_temperatures, rss_bytes
+from edge.health import WindowCounters, disk_free, rss_bytes
 from edge.stores import ClipStore, EmbeddingStore
 
 
@@ -23,7 +23,10 @@ def test_temperatures_from_thermal_zones(tmp_path):
         (z / "type").write_text(kind + "\n")
         (z / "temp").write_text(milli + "\n")
     (tmp_path / "thermal_zone9").mkdir()  # a zone whose sensor refuses reads
-    assert read_temperatures(str(tmp_path)) == {"CPU-therm": 45.5, "GPU-therm": 51.0, "CPU-therm.thermal_zone2": 40.0}
+    from edge.thermal import read_zone_temperatures
+
+    assert read_zone_temperatures([str(tmp_path / "thermal_zone*")]) == {
+        "CPU-therm": 45.5, "GPU-therm": 51.0, "CPU-therm.thermal_zone2": 40.0}
 
 
 def test_disk_and_memory(tmp_path):
