@@ -1,7 +1,7 @@
 """`naturelm-edge infer`: the pipeline over recordings of any length, offline.
 
 Each file is read in blocks at its own rate, cut into windows (window/hop seconds; the last partial window padded and
-processed), and every window's events are collected. An unreadable file is reported on one line and the other files
+processed, unless it adds under 0.5 s of audio: edge/windowing.py), and every window's events are collected. An unreadable file is reported on one line and the other files
 are still processed; the exit status says whether any failed.
 """
 
@@ -18,7 +18,7 @@ from edge.errors import AudioError, ConfigError
 from edge.events import WindowInfo
 from edge.outputs import csv_table, jsonl, raven_table, save_embeddings
 from edge.prompts import load_prompts, single_prompt
-from edge.windowing import Windower, window_count
+from edge.windowing import MIN_TAIL_SECONDS, Windower, window_count
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def iter_windows(path: Path, window_s: float, hop_s: float, info: AudioInfo | No
     """(samples, sample_rate, WindowInfo) for every window of a file, the padded tail included."""
     info = info or probe(path)
     start = file_start_time(path, info)
-    windower = Windower(window_s, hop_s, info.sample_rate)
+    windower = Windower(window_s, hop_s, info.sample_rate, name=str(path))
     index = 0
 
     def info_for(samples, first):
@@ -74,7 +74,7 @@ def run_infer(args) -> int:
             try:
                 info = probe(path)
                 total = window_count(info.frames, round(args.window * info.sample_rate),
-                                     round(args.hop * info.sample_rate))
+                                     round(args.hop * info.sample_rate), round(MIN_TAIL_SECONDS * info.sample_rate))
                 bar = tqdm(total=total, unit="win", desc=path.name, disable=args.no_progress, file=sys.stderr)
                 for samples, rate, window in iter_windows(path, args.window, args.hop, info):
                     result = pipeline.process(samples, rate, window, source=str(path))
@@ -118,7 +118,8 @@ def register(sub) -> None:
         "infer",
         help="run a bundle over recordings (any length, WAV/FLAC/OGG/MP3) and write the answers",
         description=(
-            "Cut each recording into windows (the last partial window is padded, not dropped), ask every prompt of "
+            "Cut each recording into windows (the last partial window is padded, not dropped, unless it adds less "
+            f"than {MIN_TAIL_SECONDS:g} s of audio, which is logged), ask every prompt of "
             "every window, and write one result per prompt per window. jsonl: the event schema; raven: a Raven "
             "selection table (consecutive windows with the same answer merged; yes_no prompts list only positive "
             "windows); csv: one row per answer."

@@ -113,8 +113,10 @@ def _register_build(sub) -> None:
                    help="audio encoder precisions out of fp32,fp16,int8 (default fp32,int8)")
     p.add_argument("--lora", choices=["merge", "adapter"], default="merge",
                    help="merge the LoRA into the weights, or keep it as an adapter scaled at run time")
-    p.add_argument("--merging-alpha", type=float, default=1.0, help="LoRA scale (default 1.0; 0.7-0.8 for terse "
-                   "structured answers, as the authors suggest)")
+    p.add_argument("--merging-alpha", type=float, default=1.0,
+                   help="LoRA scale: W + merging_alpha * alpha/r * B@A (default 1.0, the model as fine-tuned). "
+                        "Upstream suggests 0.4-0.6 (NatureLM-audio README, NatureLM.model_merging_scaling): closer "
+                        "to Llama's instruction following and free-form prompts, at some cost on bioacoustic tasks")
     p.add_argument("--n-ctx", type=int, default=1024, help="the device's context size in tokens (default 1024)")
     p.add_argument("--threads", type=int, default=0, help="threads for quantizing and the quality report (0: all)")
     p.add_argument("--no-quality", action="store_true", help="skip the LLM quality report")

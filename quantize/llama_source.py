@@ -235,7 +235,16 @@ def _vocab(directory: Path, n_vocab: int) -> LlamaVocab:
             eos = tokens[eos_id]
     if bos is None or eos is None:
         raise CheckpointError(f"{cfg_path}: no bos_token/eos_token (nor bos_token_id/eos_token_id in config.json)")
-    template = tcfg.get("chat_template")
+    # Recent transformers save the template as chat_template.jinja (and drop it from tokenizer_config.json); when
+    # both exist, the file wins, as it does when transformers loads the directory.
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            template = jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{jinja}: cannot read the chat template ({e})") from None
+    else:
+        template = tcfg.get("chat_template")
     if isinstance(template, list):  # [{"name": ..., "template": ...}]: keep the default one
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default") or next(iter(named.values()), None)

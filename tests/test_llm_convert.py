@@ -321,3 +321,28 @@ def test_conversion_memory_is_bounded_on_the_small_preset(tmp_path_factory):
     assert peak < 1.5 * 2**30
     assert peak < model_bytes / 2
     shutil.rmtree(root, ignore_errors=True)  # 6 GB
+
+
+def test_chat_template_is_read_from_chat_template_jinja(tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    original = open_llama_dir(tiny_model[1]).vocab.chat_template
+    assert original and "bos_token" in original
+    # Recent transformers save the template as chat_template.jinja and leave it out of tokenizer_config.json.
+    saved = tmp_path / "saved"
+    AutoTokenizer.from_pretrained(str(tiny_model[1])).save_pretrained(str(saved))
+    assert (saved / "chat_template.jinja").is_file()
+    assert "chat_template" not in json.loads((saved / "tokenizer_config.json").read_text())
+    llama = _copy_llama(tiny_model, tmp_path)
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(saved / name, llama / name)
+    assert open_llama_dir(llama).vocab.chat_template == original
+    # Both present: the file wins, as when transformers loads the directory.
+    (llama / "chat_template.jinja").write_text("{{ bos_token }}edited", encoding="utf-8")
+    cfg = json.loads((tiny_model[1] / "tokenizer_config.json").read_text())
+    (llama / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert open_llama_dir(llama).vocab.chat_template == "{{ bos_token }}edited"
+    assert AutoTokenizer.from_pretrained(str(llama)).chat_template == "{{ bos_token }}edited"
+    (llama / "chat_template.jinja").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(CheckpointError, match=r"chat_template\.jinja"):
+        open_llama_dir(llama)

@@ -211,3 +211,15 @@ def test_plot(tiny_full_bundle, recordings, tmp_path):
                "--out", str(tmp_path / "x.jsonl"), str(recordings["stereo"]))
     assert r.returncode == 0, r.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_a_tail_shorter_than_the_minimum_never_fails_the_file(tiny_full_bundle, tmp_path):
+    # 10.01 s with hop = window: the 10 ms tail used to fail the front end (one fbank frame is 25 ms), exit 1.
+    path = _write(tmp_path / "ten_and_a_bit.wav", 10.01, 16000)
+    out = tmp_path / "events.jsonl"
+    r = _infer("--bundle", str(tiny_full_bundle), "--prompt", "Is there a bird in the audio? Answer Yes or No.",
+               "--window", "10", "--hop", "10", "--out", str(out), str(path))
+    assert r.returncode == 0, r.stderr
+    events = events_from_jsonl(out.read_text())
+    assert [(e["window"]["offset_s"], e["window"]["duration_s"]) for e in events] == [(0.0, 10.0)]
+    assert "ten_and_a_bit.wav: last 0.010 s not analysed" in r.stderr

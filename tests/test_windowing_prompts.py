@@ -40,6 +40,40 @@ def test_short_and_exact_streams():
     assert window_count(20 * SR, 10 * SR, 10 * SR) == 2 and window_count(0, 1, 1) == 0
 
 
+@pytest.mark.parametrize("hop", [10, 5])
+def test_a_last_window_adding_under_half_a_second_is_dropped_and_counted(hop, caplog):
+    # 10.01 s with hop = window left a 10 ms tail, shorter than one fbank frame: the whole file failed.
+    w = Windower(10, hop, SR, name="rec.wav")
+    audio = np.zeros(int(10.01 * SR), dtype=np.float32)
+    assert [start for _, start in w.push(audio)] == [0]
+    with caplog.at_level("INFO", logger="edge.windowing"):
+        assert w.flush() is None
+    assert w.tails_dropped == 1 and w.tail_samples_dropped == int(0.01 * SR)
+    assert any("rec.wav: last 0.010 s not analysed" in r.getMessage() for r in caplog.records)
+    assert window_count(audio.size, 10 * SR, hop * SR, SR // 2) == 1
+    # Half a second of new audio is kept; so is a stream shorter than one window, however short.
+    w = Windower(10, hop, SR)
+    w.push(np.zeros(int(10.5 * SR), dtype=np.float32))
+    samples, start = w.flush()
+    assert start == hop * SR and samples.size == int(10.5 * SR) - start and w.tails_dropped == 0
+    w = Windower(10, hop, SR)
+    w.push(np.zeros(100, dtype=np.float32))
+    assert w.flush()[0].size == 100 and window_count(100, 10 * SR, hop * SR, SR // 2) == 1
+
+
+def test_window_count_agrees_with_the_windower():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        window = int(rng.integers(10, 400))
+        hop = int(rng.integers(1, window + 1))
+        min_tail = int(rng.integers(0, window))
+        total = int(rng.integers(0, 2000))
+        w = Windower(window / SR, hop / SR, SR, min_tail_s=min_tail / SR)
+        got = len(w.push(np.zeros(total, dtype=np.float32))) if total else 0
+        got += w.flush() is not None
+        assert got == window_count(total, window, hop, min_tail), (total, window, hop, min_tail)
+
+
 def test_hop_longer_than_window_is_refused():
     with pytest.raises(ValueError, match="audio between windows is lost"):
         Windower(5, 10, SR)
