@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 PROVIDERS = ("auto", "tensorrt", "cuda", "cpu")
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-qdq")
 VERIFY = ("full", "size", "none")
 SOURCE_TYPES = ("mic", "file", "stdin")
 SAMPLE_FORMATS = ("s16le", "s32le", "f32le")
@@ -75,6 +75,9 @@ class BundleConfig:
     # A GPU board: the model on the CPU there is `degraded` (gpu_fallback). None (auto): a Jetson, or a config that
     # asks for a GPU provider or offloaded LLM layers (edge/gpu_check.py).
     expect_gpu: bool | None = None
+    # The encoder checks itself against the bundle's reference at start (edge/selfcheck.py); out of tolerance, the
+    # daemon refuses to run on it unless this is true, and then reports `encoder_accuracy` as degraded.
+    accept_encoder_loss: bool = False
 
 
 @dataclass(frozen=True)
@@ -434,6 +437,7 @@ def _bundle(s: _Section) -> BundleConfig:
         llm_threads=s.integer("llm_threads", 1, 1024, None),
         encoder_threads=s.integer("encoder_threads", 0, 1024, 0),
         expect_gpu=_expect_gpu(s),
+        accept_encoder_loss=s.boolean("accept_encoder_loss", False),
     )
     s.done()
     return b

@@ -48,6 +48,7 @@ from edge.mqtt import OFFLINE, STOPPED, MqttLink
 from edge.outbox import BUSY_TIMEOUT_S, LOCKED, Outbox, OutboxError
 from edge.ringbuffer import RingBuffer, WindowScheduler
 from edge.scheduler import PromptScheduler
+from edge.selfcheck import EncoderAccuracyError, check_encoder
 from edge.sources import AudioSource, make_source, probe_source
 from edge.stores import ClipStore, EmbeddingStore
 from edge.systemd_notify import Notifier
@@ -179,6 +180,7 @@ class Daemon:
         # checked from inside this process (the unit's sandbox): either way `gpu_fallback` says why (edge/gpu_check.py).
         self.pipeline, gpu_error = gpu_check.open_model(self.cfg, _open_pipeline)
         gpu_check.report(self.cfg, self.pipeline.info, self.degraded, gpu_error)
+        self._check_encoder()
         info = dict(self.pipeline.info)
         logger.info("model bundle %s loaded and warmed up in %.1f s: encoder %s/%s, LLM %s, offload %s",
                     info.get("bundle_id"), time.monotonic() - t0, info.get("encoder_provider"),
@@ -188,6 +190,29 @@ class Daemon:
             logger.warning("windowing.window_s is %g s but the model hears %g s: the end of every window is cut off",
                            self.cfg.windowing.window_s, clip_s)
         self.link.set_discovery(self.cfg.prompts)
+
+    def _check_encoder(self) -> None:
+        """The encoder as opened here (precision, the provider it got, the TensorRT engine) against the bundle's
+        reference outputs, once per bundle, provider and engine (cached in state_dir): edge/selfcheck.py."""
+        encoder = getattr(self.pipeline, "encoder", None)
+        if encoder is None:  # a pipeline without an ONNX encoder (tests' stand-ins)
+            return
+        self.notifier.status("checking the audio encoder against the bundle's reference")
+        result = check_encoder(encoder, self.cfg.state_dir)
+        if result is None:
+            return
+        self.pipeline.info["encoder_check"] = {"passed": result.passed, "mean_cosine": round(result.mean_cosine, 6),
+                                               "min_cosine": round(result.min_cosine, 6),
+                                               "int8_kernel": result.cpu.get("int8_kernel"),
+                                               "accepted_loss": not result.passed}
+        if result.passed:
+            self.degraded.clear("encoder_accuracy")
+            return
+        if not self.cfg.bundle.accept_encoder_loss:
+            raise EncoderAccuracyError(
+                f"{result.line()}; refusing to run on it: choose another bundle.encoder_precision in {self.cfg.path}, "
+                "or set bundle.accept_encoder_loss: true to run on it anyway")
+        self.degraded.set("encoder_accuracy", f"{result.line()} (accepted: bundle.accept_encoder_loss)")
 
     def _apply_gate(self, dbfs) -> None:
         """SIGHUP: the pipeline's activity gate takes the new threshold in place (edge.windowing.ActivityGate)."""

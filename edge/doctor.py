@@ -416,6 +416,41 @@ def check_thermal(cfg) -> Check:
     return Check("thermal", WARN if hottest >= t.shed_above_c else PASS, text)
 
 
+def check_encoder_accuracy(bundle, cfg) -> Check:
+    """The encoder the daemon will run (its precision, on the provider this machine gives it) against the bundle's
+    reference outputs, measured here and now: the int8 kernels differ between CPUs (edge/cpu.py), and the workstation's
+    figure says nothing certain about this board (edge/selfcheck.py)."""
+    from edge.cpu import cpu_info
+    from edge.encoder import AudioEncoder
+    from edge.selfcheck import check_encoder
+
+    if bundle is None or "audio" not in bundle.manifest:
+        return Check("encoder", SKIP, "needs a bundle with an audio section")
+    audio = bundle.manifest["audio"]
+    if cfg is not None:
+        precisions, provider = [cfg.bundle.encoder_precision], cfg.bundle.provider
+    else:
+        precisions, provider = sorted(audio.get("encoders", {})), "auto"
+    state_dir = cfg.state_dir if cfg is not None else None
+    lines, worst = [], PASS
+    for precision in precisions:
+        encoder = AudioEncoder(bundle, precision=precision, provider=provider, state_dir=state_dir, warmup=False)
+        result = check_encoder(encoder, state_dir, use_cache=False)
+        if result is None:
+            return Check("encoder", WARN, f"{bundle.path} carries no verification data (exported before the device "
+                                          "could check itself): re-export it to enable the check")
+        if result.passed:
+            lines.append(f"{precision} on {result.provider}: mean cosine {result.mean_cosine:.6f}, min "
+                         f"{result.min_cosine:.6f}")
+        elif cfg is not None and cfg.bundle.accept_encoder_loss:
+            worst = WARN if worst == PASS else worst
+            lines.append(result.line() + " (accepted by bundle.accept_encoder_loss: the status will say degraded)")
+        else:
+            worst = FAIL
+            lines.append(result.line())
+    return Check("encoder", worst, "; ".join(lines) + f" (int8 kernel {cpu_info()['int8_kernel']})")
+
+
 # --- the command ----------------------------------------------------------------------------------------------------
 
 
@@ -443,6 +478,7 @@ def run_checks(config: str | None, bundle_dir: str | None, verify: str = "full")
     got = guarded("bundle", check_bundle, path, verify)
     bundle_check, bundle = got if isinstance(got, tuple) else (got, None)
     checks.append(bundle_check)
+    checks.append(guarded("encoder", check_encoder_accuracy, bundle, cfg))
     checks.append(guarded("memory", check_memory, bundle, cfg))
     checks.append(guarded("disk", check_disk, cfg))
     checks.append(guarded("clock", check_clock))
@@ -468,8 +504,8 @@ def register(sub) -> None:
     p = sub.add_parser(
         "doctor",
         help="check this machine for the field daemon: GPU providers, CUDA in llama.cpp, the unit's GPU devices, "
-             "microphone, broker, "
-             "bundle, memory, disk, clock, thermal zones (exit 1 when a check fails)",
+             "microphone, broker, bundle, the encoder's accuracy on this CPU/GPU, memory, disk, clock, thermal zones "
+             "(exit 1 when a check fails)",
         description="Run every check and print one line each: PASS, WARN, FAIL or SKIP with the reason. Exits 1 "
                     "when any check fails. With --config the broker (a real MQTT login), the configured microphone, "
                     "bundle, state directory and thermal zones are checked; --bundle checks a bundle without a "

@@ -115,10 +115,12 @@ class AudioEncoder:
     """One onnxruntime session over the bundle's `audio_encoder.<precision>.onnx`.
 
     bundle: a Bundle from load_bundle, or a bundle directory (then loaded and fully verified here).
-    precision: one of the manifest's encoders (fp32, fp16, int8).
+    precision: one of the manifest's encoders (fp32, fp16, int8, int8-qdq).
     provider: auto | tensorrt | cuda | cpu. auto takes TensorRT, then CUDA, then CPU, whichever is available first,
         except for int8: its dynamically quantized MatMulInteger graph is made for the CPU (TensorRT and CUDA would run
-        it piecemeal), so auto picks the CPU for it and says so.
+        it piecemeal), so auto picks the CPU for it and says so. int8-qdq is the static QDQ graph made for TensorRT,
+        which builds an int8 engine from it (fp16 where it keeps a layer in float); other providers run its Q/DQ
+        pairs as they come.
     state_dir: where TensorRT engines are cached (default: default_state_dir()).
     threads: CPU intra-op threads; 0 lets onnxruntime use one per physical core.
     max_batch: the largest batch TensorRT's engine profile covers (the daemon encodes one window at a time); larger
@@ -235,6 +237,8 @@ class AudioEncoder:
         trt = {
             "device_id": 0,
             "trt_fp16_enable": True,
+            # The QDQ graph's scales are explicit: TensorRT needs int8 enabled to use them, and no calibration table.
+            "trt_int8_enable": self.precision == "int8-qdq",
             "trt_engine_cache_enable": True,
             "trt_engine_cache_path": str(cache),
             "trt_timing_cache_enable": True,

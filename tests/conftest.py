@@ -6,6 +6,14 @@ from pathlib import Path
 
 import pytest
 
+
+def pytest_report_header(config):
+    """Which int8 kernels this run's figures came from (edge/cpu.py): they differ between CPUs of the same kind."""
+    from edge.cpu import cpu_line
+
+    return f"cpu: {cpu_line()}"
+
+
 LLAMA_TINY = {"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2}
 
 

@@ -16,8 +16,8 @@ import yaml
 from edge import doctor
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKS = ["python", "board", "config", "onnxruntime", "llama.cpp", "sandbox", "microphone", "broker", "bundle", "memory",
-          "disk", "clock", "thermal"]
+CHECKS = ["python", "board", "config", "onnxruntime", "llama.cpp", "sandbox", "microphone", "broker", "bundle",
+          "encoder", "memory", "disk", "clock", "thermal"]
 
 
 def _doctor(*args, env=None) -> subprocess.CompletedProcess:
@@ -60,6 +60,8 @@ def test_doctor_passes_with_a_good_config_bundle_and_broker(tiny_full_bundle, mq
     assert lines["broker"][0] == "PASS" and f"mqtt://127.0.0.1:{mqtt_broker.port}: connected" in lines["broker"][1]
     assert lines["bundle"][0] == "PASS" and "sizes and sha256 match" in lines["bundle"][1]
     assert lines["memory"][0] == "PASS" and "the bundle needs" in lines["memory"][1]
+    # The configured precision (fp32), measured on this machine against the bundle's reference.
+    assert lines["encoder"][0] == "PASS" and lines["encoder"][1].startswith("fp32 on cpu: mean cosine 1.0000")
     assert lines["thermal"] == ("PASS", "1 zone(s), hottest " + str(tmp_path / "zone" / "temp") +
                                 " 47.5 C; shedding at 85 C")
     failed = [n for n, (s, _) in lines.items() if s == "FAIL"]
