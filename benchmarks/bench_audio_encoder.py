@@ -225,6 +225,8 @@ def main(argv=None) -> int:
         import onnxruntime
         import torch
 
+        from edge.cpu import cpu_info
+
         audio = prep["manifest"]["audio"]
         report = {
             "what": "NatureLM-audio audio encoder, small preset (BEATs 768x12, bert-base Q-Former, proj 768->2048), "
@@ -232,7 +234,7 @@ def main(argv=None) -> int:
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": {"cpu": _cpu_model(), "logical_cpus": os.cpu_count(), "threads_used": args.threads,
                         "python": platform.python_version(), "torch": torch.__version__,
-                        "onnxruntime": onnxruntime.__version__},
+                        "onnxruntime": onnxruntime.__version__, "features": cpu_info()},
             "method": f"{args.rounds} rounds of all variants in turn, each a fresh process: {args.warmup} warm-up "
                       f"runs then {args.runs} timed ones; median over the timed runs that kept >= "
                       f"{STARVED_BELOW:.0%} of their {args.threads} cores busy (the others lost a vCPU to the host "

@@ -318,12 +318,14 @@ def main() -> int:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
 
+    from edge.cpu import cpu_info
     from edge.llm import gpu_offload_supported
 
     results: dict = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "python": sys.version.split()[0],
                     "cpus": len(os.sched_getaffinity(0)), "threads": args.threads,
-                    "gpu_offload": gpu_offload_supported(), "loadavg_at_start": os.getloadavg()},
+                    "gpu_offload": gpu_offload_supported(), "loadavg_at_start": os.getloadavg(),
+                    "features": cpu_info()},
         "preset": "small (Llama-3.2-1B shape, vocab 128256 + [PAD]; random weights)",
         "aims": AIMS,
     }

@@ -393,12 +393,14 @@ def machine(threads: int) -> dict:
     import onnxruntime
     import torch
 
+    from edge.cpu import cpu_info
+
     mem = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                if line.startswith("MemTotal:"))
     return {"cpu": _cpu_model(), "logical_cpus": os.cpu_count(), "usable_cpus": usable_cpus(), "threads_used": threads,
             "memory_gib": round(mem / 2**20, 1), "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            "llama_cpp_python": llama_cpp.__version__, "loadavg_at_start": os.getloadavg()}
+            "llama_cpp_python": llama_cpp.__version__, "loadavg_at_start": os.getloadavg(), "features": cpu_info()}
 
 
 def other_load(seconds: float = 3.0) -> float:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.cpu import cpu_info
+
 logger = logging.getLogger(__name__)
 
 #: Questions from NatureLM's model card and BEANS-Zero tasks (MODEL.md).
@@ -123,6 +125,8 @@ def compare(probe: Probe, candidate: Path, llm: Mapping, adapter: Path | None = 
         "kl_p95": float(np.percentile(kl, 95)),
         "kl_max": float(kl.max()),
         "top1_agreement": float(np.mean(agree)),
+        # llama.cpp's quantized dot products take CPU-specific paths too: say which this figure came from.
+        "cpu": cpu_info(),
         "probe": {
             "clips": len(probe.audio),
             "audio_rows": int(probe.audio[0].shape[0]),
