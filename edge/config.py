@@ -25,8 +25,9 @@ from edge.errors import ConfigError, show_value
 from edge.prompts import key_text, load_prompts
 
 __all__ = [
-    "BundleConfig", "Config", "FileConfig", "HealthConfig", "LoadConfig", "MicConfig", "MqttConfig", "OutboxConfig",
-    "PrivacyConfig", "SchedulingConfig", "Secret", "SourceConfig", "StdinConfig", "StoreConfig", "ThermalConfig",
+    "BirdnetConfig", "BundleConfig", "Config", "DetectionsConfig", "EndpointConfig", "FileConfig", "HealthConfig",
+    "LoadConfig", "MicConfig", "MqttConfig", "NotifyConfig", "OutboxConfig", "PrivacyConfig", "RemoteControlConfig",
+    "SchedulingConfig", "Secret", "SiteConfig", "SourceConfig", "StdinConfig", "StoreConfig", "ThermalConfig",
     "TlsConfig", "WatchdogConfig", "WindowingConfig", "load_config", "read_mqtt_password", "restart_needed",
 ]
 
@@ -228,6 +229,65 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class SiteConfig:
+    """Where the recorder stands; events carry it, the BirdNET-Go-compatible payload needs it."""
+
+    latitude: float | None = None
+    longitude: float | None = None
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    """When a detection start is worth a notification (the BirdNET-Go-compatible topic)."""
+
+    cooldown_s: float = 0.0  # no new notification for the same prompt and label within this many seconds
+    first_of_day: bool = False  # only the first detection of the local day, per prompt and label
+
+
+@dataclass(frozen=True)
+class BirdnetConfig:
+    enabled: bool = False
+    topic: str | None = None  # None: {prefix}/{device_id}/birdnet
+    prompts: tuple = ()  # label prompt ids; empty: every label prompt
+
+
+@dataclass(frozen=True)
+class DetectionsConfig:
+    quiet_s: float = 30.0  # a detection ends after this many audio seconds without a positive answer
+    max_live_age_s: float = 300.0  # events older than this at publish time are marked late and trigger nothing live
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
+    notify_prompts: tuple = ()  # ((prompt_id, NotifyConfig), ...) overrides
+    birdnet: BirdnetConfig = field(default_factory=BirdnetConfig)
+
+    def notify_for(self, prompt_id: str) -> NotifyConfig:
+        return dict(self.notify_prompts).get(prompt_id, self.notify)
+
+
+REMOTE_ACTIONS = ("health", "enable_prompt", "disable_prompt", "set_threshold")
+
+
+@dataclass(frozen=True)
+class RemoteControlConfig:
+    """Commands on {prefix}/{device_id}/set; only `allow`ed actions, only on `prompts`."""
+
+    enabled: bool = False
+    allow: tuple = ()
+    prompts: tuple = ()
+    threshold_min: float = 0.05
+    threshold_max: float = 0.99
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    """A listening HTTP endpoint (clip server, metrics): off unless enabled, on the loopback unless bound wider."""
+
+    enabled: bool = False
+    bind: str = "127.0.0.1"
+    port: int = 0
+    public_url: str | None = None  # clip server: the base URL events carry (None: http://{bind}:{port})
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     device_id: str
@@ -244,6 +304,11 @@ class Config:
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    site: SiteConfig = field(default_factory=SiteConfig)
+    detections: DetectionsConfig = field(default_factory=DetectionsConfig)
+    remote_control: RemoteControlConfig = field(default_factory=RemoteControlConfig)
+    clip_server: EndpointConfig = field(default_factory=lambda: EndpointConfig(port=8089))
+    metrics: EndpointConfig = field(default_factory=lambda: EndpointConfig(port=9108))
 
     def summary(self) -> str:
         """One paragraph for `check-config` and the start-up log; never a secret."""
@@ -624,11 +689,26 @@ def load_config(path, env=None) -> Config:
     w.done()
     scheduling = _scheduling(top.sub("scheduling") or _Section(origin, {}, "scheduling", base_dir))
     privacy = _privacy(top.sub("privacy") or _Section(origin, {}, "privacy", base_dir), prompts)
+
+    def section(name):
+        return top.sub(name) or _Section(origin, {}, name, base_dir)
+
+    site = _site(section("site"))
+    detections = _detections(section("detections"), prompts)
+    remote_control = _remote_control(section("remote_control"), prompts)
+    if privacy.prompt_id is not None and privacy.prompt_id in remote_control.prompts:
+        raise top.error("remote_control", f"prompts: the privacy prompt {privacy.prompt_id!r} cannot be changed "
+                                          "remotely (a disabled privacy prompt would save the clips it guards)")
+    clip_server = _endpoint(section("clip_server"), 8089, public_url=True)
+    if clip_server.enabled and not clips.enabled:
+        raise top.error("clip_server", "enabled needs clips.enabled: true (it serves the saved clips)")
+    metrics = _endpoint(section("metrics"), 9108)
     top.done()
 
     cfg = Config(path=path, device_id=device_id, bundle=bundle, source=source, windowing=windowing,
                  prompts=prompts, mqtt=mqtt, outbox=outbox, health=health, clips=clips, embeddings=embeddings,
-                 state_dir=state_dir, watchdog=watchdog, scheduling=scheduling, privacy=privacy)
+                 state_dir=state_dir, watchdog=watchdog, scheduling=scheduling, privacy=privacy, site=site,
+                 detections=detections, remote_control=remote_control, clip_server=clip_server, metrics=metrics)
     return cfg
 
 
@@ -691,6 +771,92 @@ def _privacy(s: _Section, prompts: tuple) -> PrivacyConfig:
     cfg = PrivacyConfig(prompt_id=pid, withhold_events=s.boolean("withhold_events", False))
     if cfg.withhold_events and pid is None:
         raise s.error("withhold_events", "needs privacy.prompt_id")
+    s.done()
+    return cfg
+
+
+def _site(s: _Section) -> SiteConfig:
+    lat = s.number("latitude", -90.0, 90.0, None)
+    lon = s.number("longitude", -180.0, 180.0, None)
+    if (lat is None) != (lon is None):
+        raise s.error("longitude" if lon is None else "latitude", "give both latitude and longitude, or neither")
+    s.done()
+    return SiteConfig(latitude=lat, longitude=lon)
+
+
+def _prompt_ids(s: _Section, name: str, prompts: tuple, kinds: tuple | None = None) -> tuple:
+    v = s.raw(name, [])
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise s.error(name, f"must be a list of prompt ids, got {show_value(v)}")
+    known = {p.id: p for p in prompts}
+    for i, pid in enumerate(v):
+        if pid not in known:
+            raise s.error(name, f"[{i}] names no prompt (prompts: {', '.join(known)}), got {pid!r}")
+        if kinds and known[pid].kind not in kinds:
+            raise s.error(name, f"[{i}] must name a {' or '.join(kinds)} prompt; {pid!r} is a {known[pid].kind} prompt")
+    return tuple(v)
+
+
+def _notify(s: _Section, default: NotifyConfig) -> NotifyConfig:
+    return NotifyConfig(cooldown_s=s.number("cooldown_s", 0.0, 30 * 86400, default.cooldown_s),
+                        first_of_day=s.boolean("first_of_day", default.first_of_day))
+
+
+def _detections(s: _Section, prompts: tuple) -> DetectionsConfig:
+    quiet = s.number("quiet_s", 0.0, 86400, 30.0)
+    max_age = s.number("max_live_age_s", 0.0, 30 * 86400, 300.0, lo_open=True)
+    notify = _notify(s, NotifyConfig())
+    overrides = []
+    per = s.sub("prompts")
+    if per is not None:
+        known = {p.id: p for p in prompts}
+        for pid in list(per.data):
+            if pid not in known:
+                raise per.error(pid, f"names no prompt (prompts: {', '.join(known)})")
+            if known[pid].kind not in ("yes_no", "label"):
+                raise per.error(pid, f"only yes_no and label prompts have detections; {pid!r} is a "
+                                     f"{known[pid].kind} prompt")
+            sub = per.sub(pid, required=True)
+            overrides.append((pid, _notify(sub, notify)))
+            sub.done()
+        per.done()
+    b = s.sub("birdnet") or _Section(s.origin, {}, s.key("birdnet"), s.base_dir)
+    birdnet = BirdnetConfig(enabled=b.boolean("enabled", False),
+                            topic=b.string("topic", None, _PREFIX, "must be an MQTT topic (levels of letters, digits, "
+                                           "'_', '.', '-' joined by '/', no wildcards)"),
+                            prompts=_prompt_ids(b, "prompts", prompts, ("label",)))
+    b.done()
+    s.done()
+    return DetectionsConfig(quiet_s=quiet, max_live_age_s=max_age, notify=notify, notify_prompts=tuple(overrides),
+                            birdnet=birdnet)
+
+
+def _remote_control(s: _Section, prompts: tuple) -> RemoteControlConfig:
+    enabled = s.boolean("enabled", False)
+    allow = s.raw("allow", [])
+    if not isinstance(allow, list) or not all(isinstance(a, str) for a in allow):
+        raise s.error("allow", f"must be a list of actions ({', '.join(REMOTE_ACTIONS)}), got {show_value(allow)}")
+    for i, a in enumerate(allow):
+        if a not in REMOTE_ACTIONS:
+            raise s.error("allow", f"[{i}] must be one of {', '.join(REMOTE_ACTIONS)}, got {show_value(a)}")
+    lo = s.number("threshold_min", 0.0, 1.0, 0.05)
+    hi = s.number("threshold_max", 0.0, 1.0, 0.99)
+    if hi < lo:
+        raise s.error("threshold_max", f"must be >= threshold_min ({lo:g}), got {hi:g}")
+    cfg = RemoteControlConfig(enabled=enabled, allow=tuple(allow),
+                              prompts=_prompt_ids(s, "prompts", prompts, ("yes_no", "label")),
+                              threshold_min=lo, threshold_max=hi)
+    s.done()
+    return cfg
+
+
+def _endpoint(s: _Section, port: int, public_url: bool = False) -> EndpointConfig:
+    cfg = EndpointConfig(enabled=s.boolean("enabled", False),
+                         bind=s.string("bind", "127.0.0.1", re.compile(r"^[A-Za-z0-9_.:-]{1,253}$"),
+                                       "must be an address or host name to listen on (127.0.0.1: this machine only)"),
+                         port=s.integer("port", 1, 65535, port),
+                         public_url=(s.string("public_url", None, re.compile(r"^https?://[^\s/]+(/\S*)?$"),
+                                              "must be an http:// or https:// URL") if public_url else None))
     s.done()
     return cfg
 

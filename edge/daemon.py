@@ -44,8 +44,10 @@ from edge.drainer import OutboxDrainer
 from edge.errors import ConfigError, NatureLMEdgeError
 from edge.events import utc_iso
 from edge.health import WindowCounters, build_health, health_line
+from edge.live import LiveOutputs
 from edge.mqtt import OFFLINE, STOPPED, MqttLink
 from edge.outbox import BUSY_TIMEOUT_S, LOCKED, Outbox, OutboxError
+from edge.remote import RemoteControl
 from edge.ringbuffer import RingBuffer, WindowScheduler
 from edge.scheduler import PromptScheduler
 from edge.selfcheck import EncoderAccuracyError, check_encoder
@@ -120,6 +122,9 @@ class Daemon:
         self._no_audio_since: float | None = None  # the stall that `no_audio` reports
         self._worker_polled = time.monotonic()  # the inference worker last asked for a window
         self._next_wd = self._next_health = 0.0  # monotonic times of the next watchdog ping and health report
+        self.remote: RemoteControl | None = None
+        self.endpoints: list = []  # clip server, metrics: whatever listens, to stop at the end
+        self.last_health: dict | None = None
 
     # --- start-up ---------------------------------------------------------------------------------------------------
 
@@ -138,7 +143,12 @@ class Daemon:
                 raise ConfigError(f"{cfg.path}: source.file.path: {e}") from None
         self.outbox = self._open_outbox()
         self.link = MqttLink(cfg.mqtt, cfg.device_id, password, degraded=self.degraded)
-        self.drainer = OutboxDrainer(self.outbox, self.link, cfg.mqtt.max_inflight)
+        self.link.max_live_age_s = cfg.detections.max_live_age_s
+        # Entities expire after three missed heartbeats (the states are republished with every health report).
+        self.link.expire_after_s = max(60, int(3 * cfg.health.interval_s))
+        self.drainer = OutboxDrainer(self.outbox, self.link, cfg.mqtt.max_inflight, cfg.detections.max_live_age_s)
+        self.live = LiveOutputs(cfg, self.link)
+        self.remote = RemoteControl(cfg.remote_control, self.link, self) if cfg.remote_control.enabled else None
         for name, store_cls in (("clips", ClipStore), ("embeddings", EmbeddingStore)):
             store_cfg = getattr(cfg, name)
             if store_cfg.enabled:
@@ -146,6 +156,24 @@ class Daemon:
                     self.stores[name] = store_cls(store_cfg)
                 except OSError as e:
                     raise ConfigError(f"{cfg.path}: {name}.dir: cannot use {store_cfg.dir} ({e.strerror})") from None
+        self._start_endpoints()
+
+    def _start_endpoints(self) -> None:
+        """The listening endpoints, each off unless enabled (edge/clipserver.py, edge/metrics.py)."""
+        cfg = self.cfg
+        if cfg.clip_server.enabled:
+            from edge.clipserver import ClipServer
+
+            try:
+                self.endpoints.append(ClipServer(cfg.clip_server, cfg.clips.dir))
+            except OSError as e:
+                raise ConfigError(f"{cfg.path}: clip_server.port: cannot listen on {cfg.clip_server.bind}:"
+                                  f"{cfg.clip_server.port} ({e.strerror})") from None
+            self.endpoints[-1].start()
+        if cfg.metrics.enabled:
+            from edge.metrics import MetricsServer
+
+            self.endpoints.append(MetricsServer(cfg.metrics, lambda: self.last_health, cfg.device_id, str(cfg.path)))
 
     def _open_outbox(self) -> Outbox:
         """The outbox, by the daemon's rule for a file it cannot use (systemd/README.md, "Exit statuses"): a write
@@ -190,6 +218,7 @@ class Daemon:
             logger.warning("windowing.window_s is %g s but the model hears %g s: the end of every window is cut off",
                            self.cfg.windowing.window_s, clip_s)
         self.link.set_discovery(self.cfg.prompts)
+        self.live.reset_states(self.cfg.prompts)
 
     def _check_encoder(self) -> None:
         """The encoder as opened here (precision, the provider it got, the TensorRT engine) against the bundle's
@@ -309,6 +338,7 @@ class Daemon:
                 self._window_succeeded(w)
             finally:
                 self.prompt_scheduler.window_done(time.monotonic() - t0)
+                self.live.advance(w.info)  # every window moves the detections' clock, whatever became of it
 
     def _window_failed(self, w, e: Exception) -> None:
         """Counted, and logged once per cause (not once per window: a full disk fails every window the same way)."""
@@ -398,6 +428,7 @@ class Daemon:
                 self.privacy_counts["embeddings_withheld"] += 1
             else:
                 emb.save(result.embedding, w.info, self.source.name)
+        self.live.observe(w.info, events, self.source.name, float(result.timings.get("total", 0.0)))
         self._store(events)
         self.counters.finished(ok=True, gated=bool(result.gated), events=len(events))
         logger.debug("window %d at %.1f s: %s, %d event(s)%s", w.info.index, w.info.offset_s,
@@ -446,6 +477,16 @@ class Daemon:
             self._watchdog_withheld = problem[0]
 
     def health(self) -> dict:
+        h = self._health()
+        if hasattr(self, "live"):
+            h["detections"] = self.live.health()
+            h["late_events"] = {"replayed": self.drainer.replayed, "late": self.drainer.late,
+                                "live_dropped_late": self.link.live_dropped_late}
+        if self.remote is not None:
+            h["remote_control"] = {"accepted": self.remote.accepted, "refused": self.remote.refused}
+        return h
+
+    def _health(self) -> dict:
         return build_health(device_id=self.cfg.device_id, started_monotonic=self.started, counters=self.counters,
                             rtf=self.counters.take_rtf(), scheduler=self.scheduler, ring=self.ring,
                             source=self.source, outbox=self.outbox, drainer=self.drainer, link=self.link,
@@ -458,8 +499,17 @@ class Daemon:
                             temperatures=self.thermal.temperatures(),
                             thermal_unresponsive=self.thermal.unresponsive())
 
+    def publish_health_now(self) -> None:
+        """Remote control's `health` action."""
+        self._publish_health()
+
+    def apply_prompts(self, prompts) -> None:
+        """Remote control: run with these prompts (the entities of every configured prompt stay)."""
+        self.pipeline.set_prompts(list(prompts))
+        self.cfg = replace(self.cfg, prompts=tuple(prompts))
+
     def _publish_health(self) -> None:
-        h = self.health()
+        h = self.last_health = self.health()
         self.link.publish_health(h)
         logger.info("%s", health_line(h))
 
@@ -482,6 +532,8 @@ class Daemon:
                            windowing=replace(self.cfg.windowing, gate_dbfs=new.windowing.gate_dbfs),
                            scheduling=new.scheduling, privacy=new.privacy)
         self.link.set_discovery(self.cfg.prompts)
+        if self.remote is not None:
+            self.remote.reset()
         logger.info("reloaded %s: %d prompt(s) (%s), gate %s", self.cfg.path, len(new.prompts),
                     ", ".join(p.id for p in new.prompts),
                     "off" if new.windowing.gate_dbfs is None else f"{new.windowing.gate_dbfs:g} dBFS")
@@ -534,6 +586,9 @@ class Daemon:
                 self._reload.clear()
                 self._do_reload()
             self._keep_alive()
+            self.live.tick()
+            if self.remote is not None:
+                self.remote.process()
             if self._source_done():
                 # A finite source (file, stdin) is done: deliver everything, then stop.
                 if not draining:
@@ -579,10 +634,13 @@ class Daemon:
             elif self.outbox.depth:
                 logger.info("%d event(s) stay in the outbox for the next start (broker not connected)",
                             self.outbox.depth)
+            self.live.end_all()  # a stopped recorder hears nothing: its entities go OFF, not stale ON
             self._publish_health_quietly()
             self.drainer.stop()
             self.link.stop(STOPPED if clean else OFFLINE)
             self.outbox.close()
+        for endpoint in self.endpoints:
+            endpoint.stop()
         if self.pipeline is not None and hasattr(self.pipeline, "close"):
             self.pipeline.close()
         self.thermal.stop()

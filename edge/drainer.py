@@ -6,15 +6,23 @@ paho's in-memory queue stays small and the outbox on disk is the one place a bac
 link drops stay in paho, which resends them with the same message id after it reconnects; their acknowledgements
 then remove them here. After a restart, everything left in the outbox is sent again: delivery is at least once, and
 subscribers de-duplicate on `event_id`.
+
+Lateness is stamped here, at publish time, because only here is it known: `published` (UTC now), `age_s` (from the
+end of the event's window), `replayed` (the event was already in the outbox when this connection came up: it waited
+through an outage or a restart) and `late` (age_s above `max_live_age_s`; live consumers should not treat it as
+happening now). A redelivery by paho after a reconnect carries the stamp of its first attempt.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
 import time
+from datetime import datetime, timezone
 
+from edge.events import utc_iso
 from edge.mqtt import MqttLink
 from edge.outbox import Outbox, OutboxError
 
@@ -22,8 +30,12 @@ logger = logging.getLogger(__name__)
 
 
 class OutboxDrainer:
-    def __init__(self, outbox: Outbox, link: MqttLink, max_inflight: int):
+    def __init__(self, outbox: Outbox, link: MqttLink, max_inflight: int, max_live_age_s: float = 300.0):
         self.outbox, self.link = outbox, link
+        self.max_live_age_s = float(max_live_age_s)
+        self._replay_below = 0  # seqs below this were stored before the current connection came up
+        self.replayed = 0
+        self.late = 0
         self.max_inflight = max(1, int(max_inflight))
         self._inflight: dict[int, int] = {}  # mid -> seq
         self._last_sent = -1  # highest seq handed to paho in this run
@@ -33,6 +45,10 @@ class OutboxDrainer:
         self._acked: list[int] = []  # acknowledged, not yet removed (the outbox could not be written)
         self._fault: str | None = None  # the outbox error being retried, logged once
         link.on_activity = outbox.changed.set
+        link.on_connected = self._mark_backlog
+
+    def _mark_backlog(self) -> None:
+        self._replay_below = self.outbox.next_seq
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="outbox-drainer", daemon=True)
@@ -80,11 +96,28 @@ class OutboxDrainer:
         if room <= 0:
             return
         for seq, payload in self.outbox.peek(room, after_seq=self._last_sent):
-            mid = self.link.publish_event(payload)
+            mid = self.link.publish_event(self._stamp(seq, payload))
             if mid is None:
                 break
             self._inflight[mid] = seq
             self._last_sent = seq
+
+    def _stamp(self, seq: int, payload: str) -> str:
+        try:
+            event = json.loads(payload)
+            end = datetime.strptime(event["window"]["end"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+        except (ValueError, KeyError, TypeError) as e:
+            logger.warning("event seq %d: cannot read its window end (%s); published without lateness fields", seq, e)
+            return payload
+        now = datetime.now(timezone.utc)
+        age = (now - end).total_seconds()
+        event["published"] = utc_iso(now)
+        event["age_s"] = round(age, 3)
+        event["replayed"] = seq < self._replay_below
+        event["late"] = age > self.max_live_age_s
+        self.replayed += event["replayed"]
+        self.late += event["late"]
+        return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
 
     @property
     def inflight(self) -> int:

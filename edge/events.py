@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+#: 2: optional `detection`, `location`, `clip_url`, and the delivery fields the drainer adds at publish time
+#: (`published`, `age_s`, `replayed`, `late`).
+SCHEMA_VERSION = 2
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "event.schema.json"
 
 
@@ -53,6 +55,9 @@ class Event:
     question: str | None = None
     positive: bool | None = None
     clip: str | None = None
+    clip_url: str | None = None  # where a dashboard can fetch the clip (the daemon's clip server), when served
+    detection: dict | None = None  # {"id", "phase"} of the detection this positive answer belongs to (edge/detections.py)
+    location: dict | None = None  # {"latitude", "longitude"} of the site, when the config gives one
     seq: int = 0
     event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
@@ -77,6 +82,12 @@ class Event:
             d["positive"] = bool(self.positive)
         if self.clip is not None:
             d["clip"] = self.clip
+        if self.clip_url is not None:
+            d["clip_url"] = self.clip_url
+        if self.detection is not None:
+            d["detection"] = dict(self.detection)
+        if self.location is not None:
+            d["location"] = dict(self.location)
         return d
 
     def to_json(self) -> str:

@@ -8,6 +8,13 @@ Topics (`{prefix}/{device_id}/...`):
            reasons when it is not); republished whenever a reason is raised or cleared.
   events   one message per prompt answer, QoS 1 (edge/schemas/event.schema.json).
   health   retained, QoS 0, every health.interval_s.
+  state/{prompt_id}
+           retained, QoS 1: the prompt's detection lifecycle (edge/detections.py, edge/live.py), `state` ON/OFF;
+           what Home Assistant entities read. Republished on connect and with every health report (so that an
+           entity's expire_after only fires when the recorder is really gone); while disconnected only the latest
+           state per prompt is kept: it is the current state that matters.
+  set, set/result
+           remote control (edge/remote.py), when enabled: commands in, one reply per command out.
 
 The connection is run by this module's own network thread rather than paho's `loop_start`, because paho's built-in
 reconnect swallows the reason a connection failed (refused, unreachable, TLS) and a field technician needs that line
@@ -19,12 +26,14 @@ into its outbox and never crash-loops over a credential. `connected` is set only
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import queue
 import random
 import ssl
 import threading
+import time
 
 import paho.mqtt.client as paho
 
@@ -48,7 +57,7 @@ class MqttLink:
                  degraded: DegradedState | None = None):
         self.cfg = cfg
         self.device_id = device_id
-        base = f"{cfg.prefix}/{device_id}"
+        self.base = base = f"{cfg.prefix}/{device_id}"
         self.status_topic, self.events_topic, self.health_topic = f"{base}/status", f"{base}/events", f"{base}/health"
         self.degraded_topic = f"{base}/degraded"
         #: The daemon's degraded reasons; the status topic says `degraded` while there is any.
@@ -71,6 +80,18 @@ class MqttLink:
         self._accepted = False  # this connection's CONNECT was accepted
         self._disconnect: tuple | None = None  # (number, text, who) of paho's last disconnect reason code
         self._socket_error: str | None = None  # the last socket error paho logged (it is not in any callback)
+        #: Called (no arguments) on paho's thread when a connection is accepted, before anything is sent on it: the
+        #: drainer marks what the outbox holds at that moment as replayed.
+        self.on_connected = lambda: None
+        self._states: dict[str, str] = {}  # prompt id -> latest retained state payload
+        #: Live messages (notifications) made while disconnected: sent on reconnect if still young enough.
+        self._live: collections.deque = collections.deque(maxlen=200)
+        self.max_live_age_s = 300.0
+        self.live_published = 0
+        self.live_dropped_late = 0
+        #: Remote control: set by edge/remote.py; None leaves the `set` topic unsubscribed.
+        self.on_command = None
+        self.expire_after_s: int | None = None  # Home Assistant expire_after of the entities (None: none)
 
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2,
                                   client_id=cfg.client_id or f"naturelm-edge-{device_id}",
@@ -89,6 +110,8 @@ class MqttLink:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
         self.client.on_log = self._on_log
+        self.client.on_message = self._on_message
+        self.set_topic, self.result_topic = f"{base}/set", f"{base}/set/result"
 
     @property
     def where(self) -> str:
@@ -177,8 +200,16 @@ class MqttLink:
         self.last_error = None
         logger.info("connected to MQTT broker %s as %s%s", self.where, self.cfg.client_id or
                     f"naturelm-edge-{self.device_id}", " (reconnect)" if self.connects > 1 else "")
+        try:
+            self.on_connected()
+        except Exception:  # a hook's bug must not cost the connection
+            logger.exception("on_connected hook failed")
         self._publish_status(client)
         self._send_discovery()
+        self._send_states(client)
+        self._send_live(client)
+        if self.on_command is not None:
+            client.subscribe(self.set_topic, qos=1)
         self.connected.set()
         self.on_activity()
 
@@ -234,48 +265,83 @@ class MqttLink:
     def publish_health(self, health: dict) -> bool:
         if not self.connected.is_set():
             return False
-        return self.client.publish(self.health_topic, json.dumps(health, separators=(",", ":")), qos=0,
-                                   retain=True).rc == paho.MQTT_ERR_SUCCESS
+        ok = self.client.publish(self.health_topic, json.dumps(health, separators=(",", ":")), qos=0,
+                                 retain=True).rc == paho.MQTT_ERR_SUCCESS
+        self._send_states()  # the entities' heartbeat: keeps expire_after from firing while the recorder lives
+        return ok
+
+    # --- per-prompt state, live messages --------------------------------------------------------------------------
+
+    def state_topic(self, prompt_id: str) -> str:
+        return f"{self.base}/state/{prompt_id}"
+
+    def publish_state(self, prompt_id: str, state: dict) -> None:
+        """The prompt's current detection state, retained. Kept, and sent on (re)connect, when not connected."""
+        payload = json.dumps(state, separators=(",", ":"))
+        with self._lock:
+            self._states[prompt_id] = payload
+        if self.connected.is_set():
+            self.client.publish(self.state_topic(prompt_id), payload, qos=1, retain=True)
+
+    def _send_states(self, client=None) -> None:
+        client = client or self.client
+        with self._lock:
+            items = list(self._states.items())
+        for pid, payload in items:
+            client.publish(self.state_topic(pid), payload, qos=1, retain=True)
+
+    def publish_live(self, topic: str, payload: dict, made: float | None = None) -> None:
+        """A live message (not retained, QoS 1): sent now, or on reconnect if by then it is not older than
+        max_live_age_s (a notification an hour late is noise; the events topic has the record)."""
+        made = time.time() if made is None else made
+        with self._lock:
+            self._live.append((topic, json.dumps(payload, separators=(",", ":")), made))
+        if self.connected.is_set():
+            self._send_live()
+
+    def _send_live(self, client=None) -> None:
+        client = client or self.client
+        with self._lock:
+            items, now = list(self._live), time.time()
+            self._live.clear()
+        for topic, payload, made in items:
+            if now - made > self.max_live_age_s:
+                self.live_dropped_late += 1
+                logger.info("live message for %s is %.0f s old (limit %.0f s): not sent", topic, now - made,
+                            self.max_live_age_s)
+                continue
+            client.publish(topic, payload, qos=1)
+            self.live_published += 1
+
+    # --- remote control ---------------------------------------------------------------------------------------------
+
+    def _on_message(self, client, userdata, msg) -> None:
+        handler = self.on_command
+        if handler is None or msg.topic != self.set_topic:
+            return
+        try:
+            handler(msg.payload)
+        except Exception:  # a command must never take paho's thread down
+            logger.exception("remote control handler failed on a message from %s", msg.topic)
+
+    def publish_result(self, result: dict) -> None:
+        if self.connected.is_set():
+            self.client.publish(self.result_topic, json.dumps(result, separators=(",", ":")), qos=1)
 
     # --- Home Assistant discovery -----------------------------------------------------------------------------------
 
     def set_discovery(self, prompts) -> None:
-        """Entities for Home Assistant: health sensors and, per yes_no/label prompt, a detection binary sensor.
+        """Entities for Home Assistant, all on one device: health sensors (numeric, with state_class, unit and
+        device_class where Home Assistant has one, so that it keeps long-term statistics and graphs them), one
+        problem binary sensor per degraded key, and per yes_no/label prompt a detection binary sensor that reads the
+        prompt's own retained state topic (ON while a detection lasts, OFF once it ended).
 
         Published retained on every connect; a prompt removed by a reload has its entity deleted (empty payload).
+        Payloads are checked against Home Assistant's discovery schemas in tests/ha_discovery.py.
         """
         if not self.cfg.homeassistant_discovery:
             return
-        node = self.device_id.replace(".", "_")
-        dp = self.cfg.discovery_prefix
-        device = {"identifiers": [f"naturelm-edge-{node}"], "name": f"NatureLM {self.device_id}",
-                  "manufacturer": "naturelm-edge", "model": "NatureLM-audio edge recorder", "sw_version": __version__}
-        availability = [{"topic": self.status_topic,
-                         "value_template": "{{ 'online' if value in ('online', 'degraded') else 'offline' }}"}]
-        payloads = {}
-        for key, name, unit, cls in (("uptime_s", "uptime", "s", "duration"), ("rtf", "real-time factor", None, None),
-                                     ("outbox_depth", "outbox depth", None, None),
-                                     ("windows_dropped", "windows dropped", None, None),
-                                     ("temperature_max_c", "temperature", "°C", "temperature"),
-                                     ("disk_free_bytes", "disk free", "B", "data_size")):
-            cfg = {"name": name, "unique_id": f"naturelm_{node}_{key}", "state_topic": self.health_topic,
-                   "value_template": f"{{{{ value_json.{key} }}}}", "availability": availability, "device": device,
-                   "entity_category": "diagnostic"}
-            if unit:
-                cfg["unit_of_measurement"] = unit
-            if cls:
-                cfg["device_class"] = cls
-            payloads[f"{dp}/sensor/{node}/{key}/config"] = json.dumps(cfg)
-        for p in prompts:
-            if p.kind not in ("yes_no", "label"):
-                continue
-            oid = p.id.replace(".", "_")
-            cfg = {"name": p.id, "unique_id": f"naturelm_{node}_{oid}", "state_topic": self.events_topic,
-                   # Events of other prompts render empty, which Home Assistant ignores.
-                   "value_template": ("{% if value_json.prompt_id == '" + p.id + "' %}"
-                                      "{{ 'ON' if value_json.positive else 'OFF' }}{% endif %}"),
-                   "json_attributes_topic": self.events_topic, "availability": availability, "device": device}
-            payloads[f"{dp}/binary_sensor/{node}/{oid}/config"] = json.dumps(cfg)
+        payloads = discovery_payloads(self, prompts)
         with self._lock:
             removed = set(self._discovery_payloads) - set(payloads)
             self._discovery_payloads = {**payloads, **{t: "" for t in removed}}
@@ -304,3 +370,62 @@ class MqttLink:
         if self._thread is not None:
             self._thread.join(timeout)
         self.connected.clear()
+
+
+#: Health sensors: (health key, name, unit, device_class, state_class). Home Assistant has no device class for a
+#: ratio or a count of events, so those have a unit only; a state_class is what makes it keep statistics.
+HEALTH_SENSORS = (
+    ("uptime_s", "uptime", "s", "duration", "total_increasing"),
+    ("rtf", "real-time factor", "s/s", None, "measurement"),
+    ("outbox_depth", "outbox depth", "events", None, "measurement"),
+    ("windows_dropped", "windows dropped", "windows", None, "total_increasing"),
+    ("temperature_max_c", "temperature", "°C", "temperature", "measurement"),
+    ("disk_free_bytes", "disk free", "B", "data_size", "measurement"),
+)
+#: Degraded keys (edge/degraded.py) with a problem entity each.
+DEGRADED_ENTITIES = (("gpu_fallback", "GPU fallback"), ("no_audio", "no audio"),
+                     ("windows_failing", "windows failing"), ("encoder_accuracy", "encoder accuracy"),
+                     ("llm_offload", "LLM offload"))
+
+
+def discovery_node(device_id: str) -> str:
+    """The node id in discovery topics: Home Assistant allows only [a-zA-Z0-9_-] there, so dots become '_'."""
+    return device_id.replace(".", "_")
+
+
+def discovery_payloads(link: MqttLink, prompts) -> dict[str, str]:
+    node = discovery_node(link.device_id)
+    dp = link.cfg.discovery_prefix
+    device = {"identifiers": [f"naturelm-edge-{node}"], "name": f"NatureLM {link.device_id}",
+              "manufacturer": "naturelm-edge", "model": "NatureLM-audio edge recorder", "sw_version": __version__}
+    origin = {"name": "naturelm-edge", "sw_version": __version__}
+    availability = [{"topic": link.status_topic,
+                     "value_template": "{{ 'online' if value in ('online', 'degraded') else 'offline' }}"}]
+    common = {"availability": availability, "device": device, "origin": origin}
+    if link.expire_after_s:
+        common["expire_after"] = int(link.expire_after_s)
+    payloads = {}
+    for key, name, unit, cls, state_class in HEALTH_SENSORS:
+        cfg = {"name": name, "unique_id": f"naturelm_{node}_{key}", "state_topic": link.health_topic,
+               "value_template": f"{{{{ value_json.{key} }}}}", "entity_category": "diagnostic",
+               "state_class": state_class, "unit_of_measurement": unit, **common}
+        if cls:
+            cfg["device_class"] = cls
+        payloads[f"{dp}/sensor/{node}/{key}/config"] = json.dumps(cfg)
+    for key, name in DEGRADED_ENTITIES:
+        cfg = {"name": name, "unique_id": f"naturelm_{node}_degraded_{key}", "state_topic": link.degraded_topic,
+               "value_template": f"{{{{ 'ON' if '{key}' in value_json.reasons else 'OFF' }}}}",
+               "json_attributes_topic": link.degraded_topic,
+               "json_attributes_template": f"{{{{ value_json.reasons.get('{key}', {{}}) | tojson }}}}",
+               "device_class": "problem", "entity_category": "diagnostic",
+               "availability": availability, "device": device, "origin": origin}
+        payloads[f"{dp}/binary_sensor/{node}/degraded_{key}/config"] = json.dumps(cfg)
+    for p in prompts:
+        if p.kind not in ("yes_no", "label"):
+            continue
+        oid = p.id.replace(".", "_")
+        topic = link.state_topic(p.id)
+        cfg = {"name": p.id, "unique_id": f"naturelm_{node}_{oid}", "state_topic": topic,
+               "value_template": "{{ value_json.state }}", "json_attributes_topic": topic, **common}
+        payloads[f"{dp}/binary_sensor/{node}/{oid}/config"] = json.dumps(cfg)
+    return payloads

@@ -66,6 +66,12 @@ def test_example_config_validates(tmp_path):
     assert cfg.outbox.max_bytes == 64 * 2**20 and cfg.outbox.path == tmp_path / "outbox.sqlite3"
     assert cfg.clips.max_bytes == 2**30 and cfg.embeddings.max_bytes == 2 * 2**30
     assert cfg.windowing.gate_dbfs == -70
+    assert (cfg.site.latitude, cfg.site.longitude) == (60.1699, 24.9384)
+    assert cfg.detections.quiet_s == 30 and cfg.detections.notify_for("crow").cooldown_s == 600
+    assert cfg.detections.notify_for("species").first_of_day and not cfg.detections.notify_for("owl").first_of_day
+    assert cfg.detections.birdnet.prompts == ("species",) and not cfg.detections.birdnet.enabled
+    assert not cfg.remote_control.enabled and cfg.remote_control.allow == ("health",)
+    assert not cfg.clip_server.enabled and cfg.clip_server.bind == "127.0.0.1" and cfg.metrics.port == 9108
 
 
 def test_every_key_of_the_example_is_documented():
@@ -131,6 +137,23 @@ def test_state_dir_from_systemd(tmp_path, base):
     (lambda d: d.update(health={"interval_s": "often"}), "health.interval_s", "number"),
     (lambda d: d.update(watchdog={"enabled": 1}), "watchdog.enabled", "true or false"),
     (lambda d: d.update(mqtt=[1, 2]), "mqtt", "must be a mapping"),
+    (lambda d: d.update(site={"latitude": 91, "longitude": 0}), "site.latitude", "-90..90"),
+    (lambda d: d.update(site={"latitude": 60}), "site.longitude", "both latitude and longitude"),
+    (lambda d: d.update(detections={"quiet_s": -1}), "detections.quiet_s", "number 0..86400"),
+    (lambda d: d.update(detections={"prompts": {"nope": {}}}), "detections.prompts.nope", "names no prompt"),
+    (lambda d: d.update(detections={"prompts": {"crow": {"cooldown": 5}}}), "detections.prompts.crow.cooldown",
+     "did you mean 'cooldown_s'?"),
+    (lambda d: d.update(detections={"birdnet": {"prompts": ["crow"]}}), "detections.birdnet.prompts",
+     "must name a label prompt"),
+    (lambda d: d.update(detections={"birdnet": {"topic": "a/#"}}), "detections.birdnet.topic", "no wildcards"),
+    (lambda d: d.update(remote_control={"allow": ["reboot"]}), "remote_control.allow", "[0] must be one of health"),
+    (lambda d: d.update(remote_control={"prompts": ["zz"]}), "remote_control.prompts", "names no prompt"),
+    (lambda d: d.update(remote_control={"threshold_min": 0.9, "threshold_max": 0.1}),
+     "remote_control.threshold_max", ">= threshold_min"),
+    (lambda d: d.update(clip_server={"enabled": True}), "clip_server", "needs clips.enabled"),
+    (lambda d: d.update(clip_server={"port": 0}), "clip_server.port", "1..65535"),
+    (lambda d: d.update(clip_server={"public_url": "ftp://x"}), "clip_server.public_url", "http://"),
+    (lambda d: d.update(metrics={"bind": "a b"}), "metrics.bind", "address"),
 ])
 def test_bad_config_is_one_line_naming_the_key(tmp_path, base, change, key, words):
     change(base)

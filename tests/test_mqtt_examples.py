@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -65,25 +66,35 @@ def test_bridge_forwards_listed_recorders_to_the_central_broker(mqtt_broker_fact
     sub.wait_for(lambda s: s.on("/bridges/site-a/state")[-1:] == ["1"], timeout=20, what="the bridge connected")
 
     pub = _publisher(site.port)
-    for device in ("recorder-01", "recorder-02", "recorder-03"):  # recorder-03 is not in the bridge's list
+    # recorder-03 is not in the bridge's list; site.b.rec-7 has dots in its id (and so a different discovery node id)
+    for device in ("recorder-01", "recorder-02", "recorder-03", "site.b.rec-7"):
         pub.publish(f"naturelm/{device}/status", "online", qos=1, retain=True)
         for seq in range(3):
             pub.publish(f"naturelm/{device}/events", json.dumps({"device_id": device, "seq": seq}), qos=1).wait_for_publish(5)
     pub.publish("homeassistant/binary_sensor/recorder-02/crow/config", json.dumps({"name": "crow"}), qos=1,
                 retain=True).wait_for_publish(5)
+    # The dotted recorder's real discovery topics, as its daemon names them.
+    dotted = MqttLink(MqttConfig(homeassistant_discovery=True), "site.b.rec-7")
+    dotted.set_discovery(parse_prompts([{"id": "crow", "kind": "yes_no", "text": "Crow?"}], "t"))
+    for topic, payload in dotted._discovery_payloads.items():
+        pub.publish(topic, payload, qos=1, retain=True).wait_for_publish(5)
 
     def got(s, device):
         # QoS 1 is at least once: a redelivery after a reconnect is allowed, a loss is not.
         return sorted({json.loads(p)["seq"] for t, p, _ in s.messages if t == f"naturelm/{device}/events"})
 
     sub.wait_for(lambda s: got(s, "recorder-01") == [0, 1, 2] and got(s, "recorder-02") == [0, 1, 2]
-                 and s.on("homeassistant/binary_sensor/recorder-02/crow/config"), timeout=20, what="forwarded events")
+                 and got(s, "site.b.rec-7") == [0, 1, 2]
+                 and s.on("homeassistant/binary_sensor/recorder-02/crow/config")
+                 and len([t for t, _, _ in s.messages if "/site_b_rec-7/" in t]) == len(dotted._discovery_payloads),
+                 timeout=20, what="forwarded events and discovery configs")
     assert sub.on("naturelm/recorder-01/status") == ["online"]
     # A retained status reaches a dashboard that subscribes later, through the bridge, as retained.
     late = Subscriber(central_plain, ["naturelm/+/status"], client_id="late-dashboard")
-    late.wait_for(lambda s: len(s.messages) >= 2, timeout=10, what="retained status")
+    late.wait_for(lambda s: len(s.messages) >= 3, timeout=10, what="retained status")
     assert {(t, p, r) for t, p, r in late.messages} == {("naturelm/recorder-01/status", "online", True),
-                                                        ("naturelm/recorder-02/status", "online", True)}
+                                                        ("naturelm/recorder-02/status", "online", True),
+                                                        ("naturelm/site.b.rec-7/status", "online", True)}
     late.close()
 
     # The uplink goes down; the recorders keep publishing to the site broker, which queues for the bridge.
@@ -158,6 +169,23 @@ def test_home_assistant_examples_use_the_discovered_entities_and_topics():
                 paho.topic_matches_sub(trig["topic"], "naturelm/recorder-01/health")
             for name in re.findall(r"value_json\.(\w+)", trig["value_template"]):
                 assert name in event_fields or name in ("scheduling",), name
+
+    # What the examples read from payloads and attributes exists there: event fields (the window's own time, the
+    # lateness fields), the detection state's attributes, the degraded reason's.
+    from edge.detections import DetectionTracker
+    from edge.events import Event, WindowInfo
+
+    text = (HA / "automations.yaml").read_text()
+    health_fields = {"device_id", "scheduling", "temperature_max_c", "rtf"}
+    for name in re.findall(r"trigger\.payload_json\.(\w+)", text):
+        assert name in event_fields or name in health_fields, name
+    assert "trigger.payload_json.window.start" in text and "trigger.payload_json.late" in text
+    w = WindowInfo(index=0, offset_s=0.0, duration_s=10.0, start_utc=datetime.now(timezone.utc))
+    change = DetectionTracker(30.0).observe(w, [Event("r", "mic", w, "crow", "yes_no", "Yes", 0.9, {}, {},
+                                                      positive=True)])[0]
+    for entity, attr in re.findall(r"state_attr\('?([\w.]+)'?, '(\w+)'\)", text):
+        allowed = {"reason", "since"} if "trigger.entity_id" in entity else set(change.message)
+        assert attr in allowed, (entity, attr)
 
 
 @pytest.mark.parametrize("path", sorted(p.name for p in HA.glob("*.yaml")))

@@ -16,6 +16,7 @@ import textwrap
 import time
 
 import pytest
+from ha_discovery import check
 from mqtt_broker import Subscriber, make_certificates
 from test_outbox import make_events
 
@@ -187,12 +188,15 @@ def test_home_assistant_discovery(mqtt_broker):
     link.start()
     try:
         assert link.connected.wait(10)
+        time.sleep(0.5)  # the configs queued on connect reach the broker
         # Retained: a Home Assistant that connects later still finds them.
         sub = Subscriber(mqtt_broker.port, ["homeassistant/#"], client_id="ha")
-        sub.wait_for(lambda s: len(s.messages) == 8, what="6 sensors and 2 binary sensors")
+        sub.wait_for(lambda s: len(s.messages) == 13, what="6 sensors, 5 problem and 2 detection binary sensors")
         configs = {t: json.loads(p) for t, p, _ in sub.messages}
+        for t, p, _ in sub.messages:
+            check(t, p)  # Home Assistant's discovery schema (tests/ha_discovery.py)
         crow = configs["homeassistant/binary_sensor/rec-1/crow/config"]
-        assert crow["state_topic"] == "naturelm/rec-1/events" and crow["unique_id"] == "naturelm_rec-1_crow"
+        assert crow["state_topic"] == "naturelm/rec-1/state/crow" and crow["unique_id"] == "naturelm_rec-1_crow"
         assert crow["availability"][0]["topic"] == "naturelm/rec-1/status"
         assert "homeassistant/sensor/rec-1/rtf/config" in configs
         assert not any("caption" in t for t in configs)  # free text is not a binary sensor
