@@ -507,6 +507,7 @@ class Daemon:
         """Remote control: run with these prompts (the entities of every configured prompt stay)."""
         self.pipeline.set_prompts(list(prompts))
         self.cfg = replace(self.cfg, prompts=tuple(prompts))
+        self.live.set_prompts(self.cfg.prompts, drop_removed=False)
 
     def _publish_health(self) -> None:
         h = self.last_health = self.health()
@@ -532,6 +533,7 @@ class Daemon:
                            windowing=replace(self.cfg.windowing, gate_dbfs=new.windowing.gate_dbfs),
                            scheduling=new.scheduling, privacy=new.privacy)
         self.link.set_discovery(self.cfg.prompts)
+        self.live.set_prompts(self.cfg.prompts)
         if self.remote is not None:
             self.remote.reset()
         logger.info("reloaded %s: %d prompt(s) (%s), gate %s", self.cfg.path, len(new.prompts),

@@ -10,8 +10,9 @@ would count twice. Here:
   *updates* it (an overlapping window that hears the same call is the same detection);
 - it *ends* once the audio clock has moved `quiet_s` past the end of its last positive window. The clock is the end
   of the latest window handed to `advance`, and every window is handed over, whatever became of it (processed,
-  gated, idle, shed, failed, withheld), so a detection always ends. When no window comes at all (the source stalled,
-  windows were dropped), `expire_idle` ends detections by the wall clock instead.
+  gated, idle, shed, failed, withheld), so a detection always ends. When no window comes at all for `idle_s` of
+  wall time (the source stalled), `expire_idle` ends the open detections instead; a slow model that still delivers
+  windows never triggers it, so it cannot split a detection that the audio clock keeps together.
 
 Times: the source's offset (seconds since it started; monotonic, so a clock step cannot end or extend a detection)
 drives the lifecycle; the UTC times from the capture clock are what the messages show.
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from edge.events import Event, WindowInfo, utc_iso
@@ -46,7 +47,6 @@ class Detection:
     last_score: float | None = None
     first_of_day: bool = False
     ended_utc: datetime | None = None
-    wall_last: float = field(default_factory=time.monotonic)
 
     def message(self, phase: str) -> dict:
         """The lifecycle message of this detection, as published on the prompt's state topic."""
@@ -80,6 +80,7 @@ class DetectionTracker:
         self.open: dict[tuple[str, str | None], Detection] = {}
         self._last_day: dict[tuple[str, str | None], str] = {}  # local date of the last detection start
         self.clock_s = 0.0  # end of the latest window seen, source offset
+        self.wall_last = time.monotonic()  # when the latest window was seen (or a detection started)
         self.started = 0
         self.ended = 0
 
@@ -102,7 +103,6 @@ class DetectionTracker:
                 d.last_score = e.score
                 if e.score is not None:
                     d.max_score = e.score if d.max_score is None else max(d.max_score, e.score)
-                d.wall_last = time.monotonic()
                 phase = "update"
             else:
                 if d is not None:  # a gap longer than the quiet time inside one window's answers: end the old one
@@ -114,6 +114,7 @@ class DetectionTracker:
                               last_utc=end_utc, last_end_s=end_s, max_score=e.score, last_score=e.score,
                               first_of_day=first)
                 self.open[key] = d
+                self.wall_last = time.monotonic()
                 self.started += 1
                 phase = "start"
             e.detection = {"id": d.id, "phase": phase}
@@ -123,14 +124,16 @@ class DetectionTracker:
     def advance(self, window: WindowInfo) -> list[Change]:
         """Time passes: a window ended (whatever became of it). Ends the detections quiet for `quiet_s`."""
         self.clock_s = max(self.clock_s, window.offset_s + window.duration_s)
+        self.wall_last = time.monotonic()
         done = [(k, d) for k, d in self.open.items() if self.clock_s - d.last_end_s >= self.quiet_s]
         return [self._end(k, d) for k, d in done]
 
     def expire_idle(self, now: float | None = None) -> list[Change]:
-        """Wall-clock fallback for when no window comes at all: ends detections not updated for `idle_s`."""
+        """Wall-clock fallback for when no window comes at all for `idle_s`: every open detection ends."""
         now = time.monotonic() if now is None else now
-        done = [(k, d) for k, d in self.open.items() if now - d.wall_last >= self.idle_s]
-        return [self._end(k, d) for k, d in done]
+        if not self.open or now - self.wall_last < self.idle_s:
+            return []
+        return self.end_all()
 
     def end_all(self) -> list[Change]:
         """Shutdown: every open detection ends now (a stopped recorder hears nothing)."""

@@ -12,6 +12,7 @@ import logging
 import re
 import threading
 import time
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -106,18 +107,31 @@ class LiveOutputs:
         self._last_notified: dict[tuple, float] = {}  # (prompt, label) -> window offset_s of the last notification
         self.notified = 0
         self.suppressed = {"cooldown": 0, "not_first_of_day": 0}
-        self._window_ms = 0.0
-        self._clip: str = ""
+        self._states_sent: set = set()  # prompts whose state topic has a retained state
 
     @property
     def location(self) -> dict | None:
         s = self.cfg.site
         return None if s.latitude is None else {"latitude": s.latitude, "longitude": s.longitude}
 
+    def set_prompts(self, prompts, drop_removed: bool = True) -> None:
+        """A reload or a remote change: thresholds and kinds as now configured; a new detection prompt starts OFF.
+        A removed one has its retained state cleared when its entity goes too (a reload); a prompt disabled remotely
+        keeps its entity, which goes OFF when its open detection ends by the quiet time."""
+        old = {p.id for p in self.cfg.prompts if p.kind in DETECTION_KINDS}
+        new = [p for p in prompts if p.kind in DETECTION_KINDS]
+        self.cfg = replace(self.cfg, prompts=tuple(prompts))
+        self.reset_states([p for p in new if p.id not in old and p.id not in self._states_sent])
+        if drop_removed:
+            for pid in old - {p.id for p in new}:
+                self.link.clear_state(pid)
+                self._states_sent.discard(pid)
+
     def reset_states(self, prompts) -> None:
         """At start: every detection prompt's retained state says OFF (a state left ON by a crash is stale)."""
         for p in prompts:
             if p.kind in DETECTION_KINDS:
+                self._states_sent.add(p.id)
                 self.link.publish_state(p.id, {"state": "OFF", "phase": "none", "prompt_id": p.id, "label": None,
                                                "detection_id": None, "started": None, "last_heard": None,
                                                "ended": None, "windows": 0, "score": None, "last_score": None,

@@ -283,6 +283,13 @@ class MqttLink:
         if self.connected.is_set():
             self.client.publish(self.state_topic(prompt_id), payload, qos=1, retain=True)
 
+    def clear_state(self, prompt_id: str) -> None:
+        """The prompt is gone: its retained state is deleted on the broker (an empty retained payload)."""
+        with self._lock:
+            self._states.pop(prompt_id, None)
+        if self.connected.is_set():
+            self.client.publish(self.state_topic(prompt_id), "", qos=1, retain=True)
+
     def _send_states(self, client=None) -> None:
         client = client or self.client
         with self._lock:

@@ -85,10 +85,14 @@ def test_a_gap_longer_than_the_quiet_time_starts_a_new_detection_and_labels_are_
     assert later[1].detection.id != first.id and not later[1].detection.first_of_day  # same local day
 
 
-def test_idle_expiry_ends_detections_when_no_window_comes():
+def test_idle_expiry_ends_detections_only_when_no_window_comes():
     t = DetectionTracker(quiet_s=5.0, idle_s=1.0)
     t.observe(_w(0), [_ev(_w(0), "owl", True)])
     assert t.expire_idle(time.monotonic()) == []
+    time.sleep(0.6)
+    t.advance(_w(0))  # a slow model: windows still come, if slowly
+    time.sleep(0.6)
+    assert t.expire_idle() == []  # 1.2 s since the start, but only 0.6 s since the last window
     assert [c.phase for c in t.expire_idle(time.monotonic() + 2.0)] == ["end"]
 
 
@@ -569,4 +573,27 @@ def test_the_example_acl_lets_only_the_controller_command_a_recorder(mqtt_broker
     finally:
         run.stop()
         ctl.close()
+        ha.close()
+
+
+def test_a_reload_gives_new_prompts_a_state_and_clears_removed_ones(mqtt_broker, tmp_path, monkeypatch):
+    ha = Subscriber(mqtt_broker.port, ["naturelm/rec-1/state/+", "homeassistant/#"], client_id="ha-reload")
+    pipe = ScriptedPipeline([], "rec-1", answers=lambda i, p: None)
+    run = Running(tmp_path, monkeypatch, mqtt_broker.port, pipe, prompts=PROMPTS[:2])
+    try:
+        ha.wait_for(lambda s: s.on("/state/species"), what="the species state")
+        cfg = yaml.safe_load((tmp_path / "daemon.yaml").read_text())
+        cfg["prompts"] = [PROMPTS[0], {"id": "owl", "kind": "yes_no", "text": "Owl? Answer yes or no."}]
+        (tmp_path / "daemon.yaml").write_text(yaml.safe_dump(cfg))
+        run.daemon._reload.set()  # what SIGHUP does
+        ha.wait_for(lambda s: s.on("/state/owl") and s.on("/state/species")[-1:] == [""]
+                    and s.on("binary_sensor/rec-1/species/config")[-1:] == [""], what="owl added, species removed")
+        assert json.loads(ha.on("/state/owl")[0])["state"] == "OFF"
+        late = Subscriber(mqtt_broker.port, ["naturelm/rec-1/state/+"], client_id="ha-later")
+        late.wait_for(lambda s: len(s.messages) >= 2, what="retained states")
+        time.sleep(0.3)
+        assert sorted(t.rsplit("/", 1)[1] for t, _, r in late.messages if r) == ["crow", "owl"]
+        late.close()
+    finally:
+        run.stop()
         ha.close()
