@@ -597,3 +597,65 @@ def test_a_reload_gives_new_prompts_a_state_and_clears_removed_ones(mqtt_broker,
     finally:
         run.stop()
         ha.close()
+
+
+class _Recorder:
+    """Stands in for the MQTT link where only what LiveOutputs hands over matters."""
+
+    base = "naturelm/rec-1"
+
+    def __init__(self):
+        self.states, self.live = [], []
+
+    def publish_state(self, pid, msg):
+        self.states.append((pid, msg))
+
+    def publish_live(self, topic, payload, made=None):
+        self.live.append((topic, payload))
+
+    def clear_state(self, pid):
+        self.states.append((pid, None))
+
+
+def _live_cfg(tmp_path, **detections):
+    from test_daemon_config import _write
+
+    from edge.live import LiveOutputs
+
+    (tmp_path / "bundle").mkdir(exist_ok=True)
+    sf.write(str(tmp_path / "a.wav"), np.zeros(800, dtype=np.float32), 8000)
+    cfg = load_config(_write(tmp_path, {"device_id": "rec-1", "bundle": {"path": "bundle"},
+                                        "source": {"type": "file", "file": {"path": "a.wav"}},
+                                        "prompts": PROMPTS[1:2], "mqtt": {}, "state_dir": str(tmp_path / "s"),
+                                        "detections": {"quiet_s": 5, "birdnet": {"enabled": True}, **detections}}))
+    link = _Recorder()
+    return LiveOutputs(cfg, link), link
+
+
+def test_notify_only_the_first_detection_of_the_day(tmp_path):
+    live, link = _live_cfg(tmp_path, first_of_day=True)
+    owl = "Strix aluco_Tawny Owl"
+    for i in (0, 10, 20):  # three owl calls, far apart, the same local day
+        w = _w(i)
+        live.observe(w, [_ev(w, "species", True, "label", owl)], "mic", 5.0)
+        for j in range(i + 1, i + 4):
+            live.advance(_w(j))
+    assert [p["CommonName"] for _, p in link.live] == ["Tawny Owl"]
+    assert live.suppressed["not_first_of_day"] == 2
+    starts = [m for pid, m in link.states if m and m["phase"] == "start"]
+    assert [m["first_of_day"] for m in starts] == [True, False, False]
+    # The next local day is a first again.
+    nxt = WindowInfo(index=500, offset_s=100000.0, duration_s=10.0, start_utc=T0 + timedelta(days=1))
+    live.observe(nxt, [_ev(nxt, "species", True, "label", owl)], "mic", 5.0)
+    assert len(link.live) == 2
+
+
+@pytest.mark.parametrize("label, common, sci", [
+    ("Strix aluco_Tawny Owl", "Tawny Owl", "Strix aluco"),
+    ("Tawny Owl (Strix aluco)", "Tawny Owl", "Strix aluco"),
+    ("Corvus corone", "Corvus corone", "Corvus corone"),
+])
+def test_labels_give_common_and_scientific_names(label, common, sci):
+    from edge.live import split_label
+
+    assert split_label(label) == (common, sci)

@@ -191,3 +191,13 @@ def test_home_assistant_examples_use_the_discovered_entities_and_topics():
 @pytest.mark.parametrize("path", sorted(p.name for p in HA.glob("*.yaml")))
 def test_home_assistant_examples_are_plain_yaml(path):
     yaml.safe_load((HA / path).read_text())  # no custom tags: pasteable anywhere
+
+
+def test_the_birdnet_go_sensor_example_reads_fields_of_the_compatible_payload():
+    from test_dashboards import BIRDNET_FIELDS
+
+    text = (HA / "birdnet-go-sensor.yaml").read_text()
+    sensors = yaml.safe_load(text)["sensor"]
+    assert {s["state_topic"] for s in sensors} == {"naturelm/recorder-01/birdnet"}
+    names = set(re.findall(r"value_json\.(\w+)", text))
+    assert names and names <= set(BIRDNET_FIELDS), names - set(BIRDNET_FIELDS)
