@@ -29,7 +29,10 @@ adapter GGUF). The manifest says everything the device needs, so nothing is hard
         "text": {"skip_special_tokens": true, "clean_up_tokenization_spaces"},  # how answer tokens become text
         "models": {type ("Q4_K_M", "Q8_0", "F16", ...): {"file", "bytes",
                    "quality": null (the F16 reference) or {"reference": "F16", "kl_mean", "kl_p95", "kl_max",
-                               "top1_agreement", "positions", "prompts", "probe": {...}}}},
+                               "top1_agreement", "positions", "prompts", "yes_no_prompts",
+                               "yes_no_decision_agreement", "yes_no_abs_dp_mean", "yes_no_abs_dp_max",
+                               "label_prompts", "label_top1_agreement", "answer_token_agreement",
+                               "answers_identical", "probe": {...}}}},
         "default_model": type,
         "lora": {"mode": "merge" | "adapter" | "none", "merging_alpha", "adapter_file" (adapter mode, else null),
                  "alpha", "rank"},

@@ -160,8 +160,11 @@ def build_llm_bundle(
             for t in others:
                 report = compare(probe, files[t], llm, adapter, n_threads=threads or None, progress=progress)
                 llm["models"][t]["quality"] = report
-                logger.info("%s vs F16: KL mean %.3g max %.3g, top-1 agreement %.3f over %d positions", t,
-                            report["kl_mean"], report["kl_max"], report["top1_agreement"], report["positions"])
+                logger.info("%s vs F16: KL mean %.3g max %.3g, top-1 agreement %.3f over %d positions; |dP(Yes)| "
+                            "max %.3g, yes/no decisions %.0f%%, label top-1 %.0f%%, answers %.0f%% of tokens", t,
+                            report["kl_mean"], report["kl_max"], report["top1_agreement"], report["positions"],
+                            report["yes_no_abs_dp_max"], 100 * report["yes_no_decision_agreement"],
+                            100 * report["label_top1_agreement"], 100 * report["answer_token_agreement"])
 
         tools = _tool_versions()
         llama_hash = src.sha256()

@@ -30,8 +30,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(f"wrote the LLM of bundle {args.out}: LoRA {lora['mode']} (merging_alpha {lora['merging_alpha']})")
     for qtype, info in llm["models"].items():
         q = info.get("quality")
-        detail = (f"KL {q['kl_mean']:.3g} (max {q['kl_max']:.3g}), top-1 {q['top1_agreement']:.1%} vs F16"
-                  if q else "reference")
+        detail = (f"KL {q['kl_mean']:.3g} (max {q['kl_max']:.3g}), top-1 {q['top1_agreement']:.1%}"
+                  + (f", |dP(Yes)| max {q['yes_no_abs_dp_max']:.3g}, label top-1 {q['label_top1_agreement']:.0%}"
+                     if "yes_no_abs_dp_max" in q else "")
+                  + (f", answers {q['answer_token_agreement']:.0%} of tokens" if "answer_token_agreement" in q else "")
+                  + " vs F16" if q else "reference")
         print(f"  {qtype:7s} {info['file']:22s} {info['bytes'] / 2**20:9.1f} MiB  {detail}")
     if lora.get("adapter_file"):
         print(f"  adapter {lora['adapter_file']}")

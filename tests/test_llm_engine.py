@@ -118,9 +118,19 @@ def test_quantized_models_load_with_finite_logits_and_quality_reports(tiny_llm_b
         assert q["reference"] == "F16" and q["positions"] >= q["prompts"] >= 8
         assert 0.0 <= q["kl_mean"] <= q["kl_max"] and math.isfinite(q["kl_max"])
         assert 0.0 <= q["top1_agreement"] <= 1.0
+        # What a user sees, next to KL and top-1 (bounded end to end in tests/test_shipped_parity.py).
+        assert q["yes_no_prompts"] == 2 and q["label_prompts"] == 1  # one probe clip
+        assert 0.0 <= q["yes_no_abs_dp_mean"] <= q["yes_no_abs_dp_max"] < 0.5
+        for key in ("yes_no_decision_agreement", "label_top1_agreement", "answer_token_agreement", "answers_identical"):
+            assert 0.0 <= q[key] <= 1.0, key
+        assert q["answers_identical"] <= q["answer_token_agreement"]
     models = llm["models"]
     assert models["Q8_0"]["quality"]["kl_mean"] < models["Q4_K_M"]["quality"]["kl_mean"]
     assert models["F32"]["quality"]["kl_max"] < models["Q8_0"]["quality"]["kl_mean"]
+    # F32 against F16 differs only by F16's rounding: its answers and scores are nearly the F16's own.
+    f32 = models["F32"]["quality"]
+    assert f32["yes_no_abs_dp_max"] < models["Q4_K_M"]["quality"]["yes_no_abs_dp_max"]
+    assert f32["yes_no_abs_dp_max"] < 0.01 and f32["answer_token_agreement"] >= 0.75
     assert models["F16"]["quality"] is None
     with LlmEngine.from_bundle(bundle, EngineOptions(n_threads=1)) as e:  # the default model
         assert e.model_type == "Q4_K_M"
