@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.cpu import cpu_info
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "resample.json"
 MODEL_RATE = 16000
@@ -109,20 +111,6 @@ def worker(which: str, runs: int) -> dict:
     return out
 
 
-def _cpu() -> dict:
-    model, flags = "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model == "unknown":
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return {"model": model, "logical_cpus": os.cpu_count(),
-            "flags": {f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni")}}
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3, help="fresh processes per implementation (default 3)")
@@ -171,7 +159,8 @@ def main(argv=None) -> int:
         "what": "resampling one 10 s window (11 s of input, as the front end keeps) to 16 kHz: edge/resample.py "
                 "(resampy kaiser_best in numpy) vs resampy itself; each implementation in fresh processes",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpu": _cpu(), "python": platform.python_version(), "numpy": np.__version__,
+        "machine": {"cpu": cpu_info(), "logical_cpus": os.cpu_count(), "python": platform.python_version(),
+                    "numpy": np.__version__,
                     "resampy": resampy.__version__, "numba": numba.__version__,
                     "shared": "yes: a 2-core build VM shared with other work; timings are medians and noisy"},
         "method": f"{args.rounds} rounds, each a fresh process per implementation: import, one first call "
@@ -186,7 +175,8 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     e, e1, r = results["edge"], results["edge_blas_1_thread"], results["resampy"]
-    print(f"\n{report['machine']['cpu']['model']}, {report['machine']['cpu']['flags']}")
+    cpu = report["machine"]["cpu"]
+    print(f"\n{cpu['model']}, {cpu['flags']}, int8 kernel {cpu['int8_kernel']}")
     print(f"{'':44}{'edge':>10}{'edge 1 thr':>12}{'resampy':>10}")
     for k in ("import_s", "first_call_s", "rss_after_import_mb", "rss_after_first_call_mb", "peak_rss_mb"):
         print(f"{k:44}{e[k]:>10}{e1[k]:>12}{r[k]:>10}")

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.cpu import cpu_info
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "resample_parity.json"
 LLAMA_SMALL = {"hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 16}
@@ -70,17 +72,6 @@ def _high_bins(spec) -> int:
     delta = (hi - lo) / (spec.num_mel_bins + 1)
     left = lo + delta * np.arange(spec.num_mel_bins)
     return int(np.argmax(left >= mel(HIGH_HZ)))
-
-
-def _cpu() -> dict:
-    model, flags = "unknown", set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name") and model == "unknown":
-            model = line.split(":", 1)[1].strip()
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-    return {"model": model, "logical_cpus": os.cpu_count(),
-            "flags": {f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni")}}
 
 
 def main(argv=None) -> int:
@@ -145,7 +136,8 @@ def main(argv=None) -> int:
                 "the small preset's embeddings (PyTorch reference audio model, float32), before (windowed sinc) "
                 "and after (resampy kaiser_best in numpy)",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpu": _cpu(), "python": platform.python_version(), "numpy": np.__version__,
+        "machine": {"cpu": cpu_info(), "logical_cpus": os.cpu_count(), "python": platform.python_version(),
+                    "numpy": np.__version__,
                     "torch": torch.__version__, "resampy": resampy.__version__,
                     "shared": "yes: a 2-core build VM shared with other work (figures are not timings)"},
         "mel_bins_above_6kHz": f"{hb}..{FBANK.num_mel_bins - 1}",

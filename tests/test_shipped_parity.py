@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from edge.bundle import load_bundle
+from edge.cpu import cpu_line
 from edge.encoder import AudioEncoder
 from edge.llm import EngineOptions, LlmEngine, Prompt
 from edge.synth import birdsong
@@ -39,17 +40,6 @@ LABELS = ("American Crow", "Common Raven", "Blue Jay", "Song Sparrow", "Barn Owl
 OPEN_Q = "Caption the audio."
 MAX_TOKENS = 12
 COMBOS = [("int8", "Q4_K_M"), ("int8", "Q8_0"), ("fp16", "Q4_K_M"), ("fp16", "Q8_0")]
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f in have)
-    except OSError:
-        pass
-    return "unknown"
 
 
 def _clip(seed: int, rate: int) -> np.ndarray:
@@ -151,7 +141,7 @@ def shipped_figures(bundle_dir: Path, precision: str, quantization: str, referen
 
 def _check(fig: dict, dp_max: float, token_agreement_min: float, what: str) -> None:
     summary = {k: round(v, 6) for k, v in fig.items() if k != "clips"}
-    where = f"{what} on a CPU with [{_cpu_flags()}]: {summary}"
+    where = f"{what} on {cpu_line()}: {summary}"
     print(where)
     assert fig["yes_no_abs_dp_max"] <= dp_max, where
     # A decision can only be promised where the reference's score is further from 0.5 than the score's error bound.
