@@ -295,6 +295,28 @@ def check_bundle(path: Path | None, verify: str):
     return Check("bundle", PASS, text), bundle
 
 
+def check_llm_offload(jetson: str | None, bundle, cfg) -> Check:
+    """Load the bundle's LLM as the daemon would and report llama.cpp's own "offloaded N/M layers to GPU"."""
+    if bundle is None:
+        return Check("llm offload", SKIP, "no bundle to load (give --bundle or --config)")
+    from edge.llm import gpu_offload_supported, probe_offload
+
+    llm = bundle.manifest.get("llm", {})
+    qtype = (cfg.bundle.quantization if cfg is not None else None) or llm.get("default_model")
+    info = (llm.get("models") or {}).get(qtype)
+    if info is None:
+        return Check("llm offload", FAIL, f"the bundle has no LLM model {qtype!r}")
+    asked = cfg.bundle.n_gpu_layers if cfg is not None else None
+    done, total, resolved = probe_offload(bundle.file(info["file"]), asked)
+    text = (f"{qtype}: llama.cpp offloaded {done}/{total} layers to the GPU (n_gpu_layers "
+            f"{'all' if asked is None or asked < 0 else asked} -> {resolved})")
+    if not gpu_offload_supported():
+        return Check("llm offload", FAIL if jetson is not None else WARN, f"{text}: this llama.cpp has no GPU offload")
+    if done < total:
+        return Check("llm offload", WARN, f"{text}: the other layers run on the CPU")
+    return Check("llm offload", PASS, text)
+
+
 def _meminfo() -> dict[str, int]:
     out = {}
     try:
@@ -479,6 +501,7 @@ def run_checks(config: str | None, bundle_dir: str | None, verify: str = "full")
     bundle_check, bundle = got if isinstance(got, tuple) else (got, None)
     checks.append(bundle_check)
     checks.append(guarded("encoder", check_encoder_accuracy, bundle, cfg))
+    checks.append(guarded("llm offload", check_llm_offload, jetson, bundle, cfg))
     checks.append(guarded("memory", check_memory, bundle, cfg))
     checks.append(guarded("disk", check_disk, cfg))
     checks.append(guarded("clock", check_clock))
@@ -504,7 +527,8 @@ def register(sub) -> None:
     p = sub.add_parser(
         "doctor",
         help="check this machine for the field daemon: GPU providers, CUDA in llama.cpp, the unit's GPU devices, "
-             "microphone, broker, bundle, the encoder's accuracy on this CPU/GPU, memory, disk, clock, thermal zones "
+             "microphone, broker, bundle, the encoder's accuracy on this CPU/GPU, LLM layers on the GPU, memory, disk, "
+             "clock, thermal zones "
              "(exit 1 when a check fails)",
         description="Run every check and print one line each: PASS, WARN, FAIL or SKIP with the reason. Exits 1 "
                     "when any check fails. With --config the broker (a real MQTT login), the configured microphone, "

@@ -58,6 +58,7 @@ class Event:
     clip_url: str | None = None  # where a dashboard can fetch the clip (the daemon's clip server), when served
     detection: dict | None = None  # {"id", "phase"} of the detection this positive answer belongs to (edge/detections.py)
     location: dict | None = None  # {"latitude", "longitude"} of the site, when the config gives one
+    decoding: dict | None = None  # open/caption/count: {"method": "beam" | "greedy", "num_beams": n}
     seq: int = 0
     event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
@@ -88,6 +89,8 @@ class Event:
             d["detection"] = dict(self.detection)
         if self.location is not None:
             d["location"] = dict(self.location)
+        if self.decoding is not None:
+            d["decoding"] = dict(self.decoding)
         return d
 
     def to_json(self) -> str:

@@ -3,18 +3,30 @@ llama-cpp-python's ctypes bindings of the C API. No torch.
 
 Why the low-level API: the high-level `Llama` class takes token ids only and keeps its own KV bookkeeping (its `eval`
 drops KV entries past its own count), while NatureLM's prompt puts the audio as embedding rows between two token pieces,
-and every prompt of a window should reuse one decoded audio prefix.
+and every prompt of a window should reuse one decoded audio prefix. The functions and struct fields used here are
+checked once against the installed bindings (edge/llama_api.py).
 
-One window, all on sequence 0 at consecutive positions:
+One window lives in a *slot*: a base llama.cpp sequence plus MAX_BEAMS beam sequences, at consecutive positions:
 
     BOS  <|start_header_id|>user<|end_header_id|>\\n\\n<Audio>  [audio rows]      <- the prefix: decoded once
     </Audio> QUESTION<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n   <- each prompt's suffix
     answer tokens...
 
-After a prompt, `llama_memory_seq_rm(seq 0, from P)` drops its suffix and answer, and the next prompt starts from the
-prefix still in the KV cache: K prompts cost one prefix prefill plus K suffixes, never K audio prefills. Every piece of
-the prompt (BOS, the texts around the audio, the stop tokens) comes from the bundle's manifest, and the token ids it
-records are checked against this GGUF's own tokenizer when the engine opens.
+After a prompt, `llama_memory_seq_rm(base, from P)` drops its suffix and answer, and the next prompt starts from the
+prefix still in the KV cache: K prompts cost one prefix prefill plus K suffixes, never K audio prefills. Beams are
+sequences too: `llama_memory_seq_cp` gives each beam the prompt's cells (the KV cache is unified, so a copy shares the
+cells rather than duplicating them), a beam that survives keeps its sequence, a second child of one parent gets a
+dropped beam's sequence, cleared and copied from the parent. Every piece of the prompt (BOS, the texts around the
+audio, the stop tokens) comes from the bundle's manifest, and the token ids it records are checked against this GGUF's
+own tokenizer when the engine opens.
+
+Batches of windows (`answer_windows`): up to `EngineOptions.max_batch` windows sit in as many slots of one context
+(n_seq_max = max_batch * (1 + MAX_BEAMS), KV cache max_batch * n_ctx cells). Their BOS and header tokens are decoded
+once and shared, their audio rows go in one llama_batch, each prompt's suffixes in one batch, and every open answer
+(greedy or beam) advances one token per batch, together. One window (`run_window`, `set_audio` + `ask`) is the same
+code with one slot. The answers are the same as one window at a time: the same decisions and tokens. Logits are not
+bit-identical: llama.cpp's matrix kernels sum in an order that depends on how many rows a batch has, and a window's
+cells sit elsewhere in a bigger cache, so rows differ in the last bits (tests/test_llm_batch.py bounds it).
 
 Prompt kinds (the answer always starts right after the assistant header, where the reference's answers start):
 - `yes_no`: one forward pass; P(Yes) / (P(Yes) + P(No)) from the logits of the "Yes" and "No" tokens
@@ -22,9 +34,17 @@ Prompt kinds (the answer always starts right after the assistant header, where t
 - `label`: each label is scored as a complete answer, log P(label tokens, then a stop token | prompt), and the
   scores are normalised over the label list; the answer is the best label, the score its share. Exact for any label
   list (no greedy prefix commitment, which a grammar-constrained greedy decode would make).
-- `open`, `caption`: greedy decoding, bounded length, stops on the manifest's stop tokens (<|end_of_text|>, <|eot_id|>).
+- `open`, `caption`: beam search with 2 beams by default, as upstream decodes (edge/beam.py has its semantics:
+  transformers' `generate(num_beams=2, do_sample=False)`), or greedy (`num_beams=1`); bounded length; stops on the
+  manifest's stop tokens.
 - `count`: greedy decoding restricted to digit tokens (then digits or a stop); the score is the probability of the
   number under that restriction.
+
+Stop tokens: upstream's `generate` stops on the Llama-3.1-Instruct generation config's eos list (<|end_of_text|>,
+<|eom_id|>, <|eot_id|>), which new bundles record in their manifest, plus a stopping criterion on token id 2, a
+leftover from Llama 2's `</s>`. In Llama 3 id 2 is the ordinary text "#", so stopping on it would cut answers that
+contain "#"; it is left out on purpose. (Bundles made before <|eom_id|> was recorded stop on the other two; the
+model does not produce <|eom_id|> without tool use.)
 """
 
 from __future__ import annotations
@@ -33,6 +53,7 @@ import ctypes
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -41,18 +62,29 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.beam import LENGTH_PENALTY, BeamSearch, log_softmax_rows
 from edge.errors import BundleError, ConfigError, NatureLMEdgeError
+from edge.llama_api import check_bindings
 
 logger = logging.getLogger(__name__)
 _native_logger = logging.getLogger("llama_cpp.native")
 
 PROMPT_KINDS = ("yes_no", "label", "open", "caption", "count")
 DEFAULT_MAX_NEW_TOKENS = {"open": 64, "caption": 128, "count": 3}
+#: Beams when a prompt gives none: upstream's configs/inference.yml decodes with num_beams 2.
+DEFAULT_NUM_BEAMS = {"open": 2, "caption": 2}
+#: Beam sequences each window's slot has in the llama.cpp context (n_seq_max = max_batch * (1 + MAX_BEAMS)).
+MAX_BEAMS = 8
+#: llama.cpp's LLAMA_MAX_SEQ (src/llama-cparams.h).
+LLAMA_MAX_SEQ = 256
 KV_CACHE_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type
 
 _lib = None
 _lib_lock = threading.Lock()
+_load_lock = threading.Lock()  # the offload line of llama.cpp's log belongs to the model being loaded
 _log_callback = None  # the ctypes callback must outlive every call llama.cpp makes to it
+_OFFLOADED = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
+_last_offload: tuple[int, int] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -64,16 +96,21 @@ class EngineOptions:
     """How the device runs the bundle's LLM. Every field has a working default."""
 
     model_type: str | None = None  # which of the bundle's GGUFs (e.g. "Q4_K_M"); None: the manifest's default_model
-    n_gpu_layers: int | None = None  # None: all layers when llama.cpp was built with GPU offload, else 0
-    n_ctx: int | None = None  # None: the manifest's n_ctx
+    n_gpu_layers: int | None = None  # None or -1: all layers (n_layer + 1) when llama.cpp can offload, else 0
+    n_ctx: int | None = None  # per window; None: the manifest's n_ctx
     n_threads: int | None = None  # None: the CPU cores this process may use
     kv_cache_type: str = "f16"  # "f16", "f32" (exact; parity tests), "q8_0" (half the KV memory)
     flash_attn: bool | None = None  # None: llama.cpp decides
     lora_scale: float | None = None  # runtime LoRA scale for adapter bundles; None: the manifest's merging_alpha
+    max_batch: int = 1  # windows answer_windows runs together (KV cache: max_batch * n_ctx cells)
 
     def __post_init__(self):
         if self.kv_cache_type not in KV_CACHE_TYPES:
             raise ConfigError(f"kv_cache_type {self.kv_cache_type!r}: choose one of {', '.join(KV_CACHE_TYPES)}")
+        limit = LLAMA_MAX_SEQ // (1 + MAX_BEAMS)
+        if not 1 <= self.max_batch <= limit:
+            raise ConfigError(f"max_batch {self.max_batch}: must be 1..{limit} (llama.cpp holds at most "
+                              f"{LLAMA_MAX_SEQ} sequences, {1 + MAX_BEAMS} per window)")
 
 
 @dataclass(frozen=True)
@@ -85,6 +122,8 @@ class Prompt:
     question: str
     labels: tuple[str, ...] = ()
     max_new_tokens: int | None = None  # open/caption/count; None: DEFAULT_MAX_NEW_TOKENS[kind]
+    num_beams: int | None = None  # open/caption: 1 is greedy; None: DEFAULT_NUM_BEAMS (2, as upstream)
+    length_penalty: float = LENGTH_PENALTY  # beam search: finished scores are sum log p / length ** this
 
     def __post_init__(self):
         if self.kind not in PROMPT_KINDS:
@@ -97,10 +136,27 @@ class Prompt:
             raise ConfigError(f"prompt {self.id!r}: labels are only used by kind 'label'")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ConfigError(f"prompt {self.id!r}: max_new_tokens must be >= 1")
+        if self.num_beams is not None:
+            if not 1 <= self.num_beams <= MAX_BEAMS:
+                raise ConfigError(f"prompt {self.id!r}: num_beams must be 1..{MAX_BEAMS}, got {self.num_beams}")
+            if self.num_beams > 1 and self.kind not in DEFAULT_NUM_BEAMS:
+                raise ConfigError(f"prompt {self.id!r}: num_beams is for open and caption prompts, not "
+                                  f"{self.kind}")
 
     @property
     def new_tokens(self) -> int:
         return self.max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(self.kind, 1)
+
+    @property
+    def beams(self) -> int:
+        return self.num_beams or DEFAULT_NUM_BEAMS.get(self.kind, 1)
+
+    @property
+    def decoding(self) -> str | None:
+        """How the answer is decoded: "beam", "greedy", or None for the scored kinds (yes_no, label)."""
+        if self.kind in ("yes_no", "label"):
+            return None
+        return "beam" if self.beams > 1 else "greedy"
 
 
 @dataclass(frozen=True)
@@ -125,13 +181,15 @@ class Answer:
     timings: Timings
     scores: Mapping[str, float] | None = None  # label: every label's share; yes_no: {"Yes": p, "No": 1 - p}
     stopped: bool = True  # False when generation hit max_new_tokens (or the context) before a stop token
+    decoding: str | None = None  # "beam" or "greedy" (open, caption, count); None for yes_no and label
+    num_beams: int = 1
 
 
 @dataclass(frozen=True)
 class WindowAnswers:
     answers: list[Answer]
     prefix_tokens: int  # BOS + text before the audio + audio rows
-    prefix_ms: float  # total time spent decoding the prefix in this window
+    prefix_ms: float  # time spent decoding the prefix for this window (its share of a batched prefill)
     prefills: int  # how many times the prefix was decoded (1 when shared)
 
     @property
@@ -151,26 +209,32 @@ def _forward_native_log(level: int, text: bytes, _user_data) -> None:
     # ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous message. llama.cpp's info is a
     # flood (every metadata key, every tensor) and its warnings are mostly benign (a context shorter than the
     # training context), so they go to DEBUG and INFO; errors stay errors.
-    global _native_last_level
+    global _native_last_level, _last_offload
     try:
         py_level = _native_last_level if level == 5 else _NATIVE_LEVELS.get(level, logging.DEBUG)
         _native_last_level = py_level
         msg = text.decode("utf-8", errors="replace").rstrip()
         if msg:
+            m = _OFFLOADED.search(msg)
+            if m:
+                _last_offload = (int(m.group(1)), int(m.group(2)))
             _native_logger.log(py_level, "%s", msg)
     except Exception:  # noqa: BLE001, S110 -- an exception must never cross back into llama.cpp's C frames
         pass
 
 
 def llama_lib():
-    """llama-cpp-python's ctypes bindings, with the backend initialised once and llama.cpp's log routed to logging."""
+    """llama-cpp-python's ctypes bindings, checked for every capability the engine uses (edge/llama_api.py), with the
+    backend initialised once and llama.cpp's log routed to logging."""
     global _lib, _log_callback
     with _lib_lock:
         if _lib is None:
             try:
+                import llama_cpp
                 import llama_cpp.llama_cpp as lib
             except ImportError:
                 raise NatureLMEdgeError("llama-cpp-python is not installed: pip install llama-cpp-python") from None
+            check_bindings(lib, getattr(llama_cpp, "__version__", None))
             _log_callback = lib.llama_log_callback(_forward_native_log)
             lib.llama_log_set(_log_callback, ctypes.c_void_p(0))
             lib.llama_backend_init()
@@ -180,6 +244,68 @@ def llama_lib():
 
 def gpu_offload_supported() -> bool:
     return bool(llama_lib().llama_supports_gpu_offload())
+
+
+def model_layer_count(path: Path) -> int:
+    """The GGUF's number of transformer layers, `{architecture}.block_count` in its metadata, read by llama.cpp from a
+    vocab-only load (no weights; llama_model_n_layer is 0 on such a load, the metadata is there)."""
+    lib = llama_lib()
+    mp = lib.llama_model_default_params()
+    mp.vocab_only = True
+    mp.n_gpu_layers = 0
+    model = lib.llama_model_load_from_file(str(path).encode(), mp)
+    if not model:
+        raise BundleError(f"{path}: llama.cpp could not load this GGUF (its log says why)")
+    try:
+        buf = ctypes.create_string_buffer(128)
+
+        def meta(key: str) -> str | None:
+            n = lib.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+            return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+        arch = meta("general.architecture")
+        count = meta(f"{arch}.block_count") if arch else None
+        if count is None or not count.isdigit() or int(count) < 1:
+            raise BundleError(f"{path}: no {arch or '?'}.block_count in the GGUF's metadata")
+        return int(count)
+    finally:
+        lib.llama_model_free(model)
+
+
+def resolve_gpu_layers(requested: int | None, n_layer: int, gpu: bool) -> int:
+    """The layer count to ask llama.cpp for: None or negative is "all", spelled out as n_layer + 1 (the transformer
+    layers and the output layer), because llama.cpp builds before "negative means all" put no layer on the GPU for
+    -1; 0 without GPU offload in this build; never more than n_layer + 1."""
+    if requested is None or requested < 0:
+        return n_layer + 1 if gpu else 0
+    return min(int(requested), n_layer + 1)
+
+
+def _load_model(path: Path, n_gpu_layers: int):
+    """llama_model_load_from_file, and the offload llama.cpp reported while loading ((N, M) or None)."""
+    global _last_offload
+    lib = llama_lib()
+    mp = lib.llama_model_default_params()
+    mp.n_gpu_layers = n_gpu_layers
+    with _load_lock:
+        _last_offload = None
+        model = lib.llama_model_load_from_file(str(path).encode(), mp)
+        offload = _last_offload
+    if not model:
+        raise BundleError(f"{path}: llama.cpp could not load this GGUF (its log says why)")
+    return model, offload
+
+
+def probe_offload(path: Path, n_gpu_layers: int | None = None) -> tuple[int, int, int]:
+    """Load the GGUF as the engine would (weights included, no context) and free it: (layers llama.cpp offloaded to
+    the GPU, layers it could offload (n_layer + 1), the layer count asked for). For `doctor`."""
+    lib = llama_lib()
+    n_layer = model_layer_count(path)
+    asked = resolve_gpu_layers(n_gpu_layers, n_layer, bool(lib.llama_supports_gpu_offload()))
+    model, offload = _load_model(path, asked)
+    lib.llama_model_free(model)
+    done, total = offload or (0, n_layer + 1)
+    return done, total, asked
 
 
 def _usable_cpus() -> int:
@@ -208,7 +334,7 @@ def suffix_text(prompt: Mapping, question: str) -> str:
 
 
 class _Batch:
-    """A llama_batch for sequence 0, with numpy views of its arrays (token or embd, pos, logits flags)."""
+    """A llama_batch with numpy views of its arrays (token or embd, pos, logits flags); each row in one sequence."""
 
     def __init__(self, lib, capacity: int, n_embd: int = 0):
         self._lib = lib
@@ -219,8 +345,10 @@ class _Batch:
         self.logits = np.ctypeslib.as_array(b.logits, shape=(capacity,))
         n_seq = np.ctypeslib.as_array(b.n_seq_id, shape=(capacity,))
         n_seq[:] = 1
-        for i in range(capacity):
-            b.seq_id[i][0] = 0
+        self._seq_rows = [b.seq_id[i] for i in range(capacity)]
+        self._seqs = np.zeros(capacity, dtype=np.int64)
+        for row in self._seq_rows:
+            row[0] = 0
         if n_embd:
             self.embd = np.ctypeslib.as_array(b.embd, shape=(capacity, n_embd))
             self.token = None
@@ -228,10 +356,40 @@ class _Batch:
             self.token = np.ctypeslib.as_array(b.token, shape=(capacity,))
             self.embd = None
 
+    def set_seqs(self, seqs: np.ndarray) -> None:
+        for i in np.flatnonzero(self._seqs[:len(seqs)] != seqs):
+            self._seq_rows[i][0] = int(seqs[i])
+        self._seqs[:len(seqs)] = seqs
+
     def free(self) -> None:
         if self.batch is not None:
             self._lib.llama_batch_free(self.batch)
             self.batch = None
+
+
+@dataclass
+class _Slot:
+    """One window's place in the context: its base sequence (prefix, suffix, greedy answers) and beam sequences."""
+
+    base: int
+    n_prefix: int | None = None
+
+    @property
+    def beam_seqs(self) -> list[int]:
+        return list(range(self.base + 1, self.base + 1 + MAX_BEAMS))
+
+
+@dataclass
+class _Open:
+    """A prompt in flight on one slot: where its answer starts and the logits for its first token."""
+
+    slot: _Slot
+    end: int  # first answer position
+    logits: np.ndarray  # a copy
+    prompt_tokens: int
+    prompt_ms: float
+    decode_ms: float = 0.0
+    decoded: int = 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -242,6 +400,7 @@ class LlmEngine:
     """NatureLM's language side on one llama.cpp model + context.
 
     Use `from_bundle`. Per window: `run_window(audio, prompts)`, or `set_audio(audio)` then `ask(prompt)` per prompt.
+    Many windows at once: `answer_windows(audios, prompts)` (with EngineOptions.max_batch > 1 to batch them).
     Not thread-safe: one inference worker owns an engine.
     """
 
@@ -258,18 +417,16 @@ class LlmEngine:
             if key not in llm:
                 raise BundleError(f"{self.model_path.parent / 'manifest.json'}: llm section has no {key!r}")
         self._prompt = dict(llm["prompt"])
-
-        mp = lib.llama_model_default_params()
-        if opts.n_gpu_layers is None:
-            mp.n_gpu_layers = -1 if lib.llama_supports_gpu_offload() else 0
-        else:
-            mp.n_gpu_layers = int(opts.n_gpu_layers)
-        self.n_gpu_layers = int(mp.n_gpu_layers)
         if not self.model_path.is_file():
             raise BundleError(f"{self.model_path}: GGUF not found")
-        self._model = lib.llama_model_load_from_file(str(self.model_path).encode(), mp)
-        if not self._model:
-            raise BundleError(f"{self.model_path}: llama.cpp could not load this GGUF (its log says why)")
+
+        # "All layers" is spelled out as the model's layer count + 1 (the output layer): older llama.cpp builds read
+        # a negative n_gpu_layers as none, and health should say what was asked for in numbers.
+        self.n_layer = model_layer_count(self.model_path)
+        self.n_gpu_layers = resolve_gpu_layers(opts.n_gpu_layers, self.n_layer, bool(lib.llama_supports_gpu_offload()))
+        self._model, offload = _load_model(self.model_path, self.n_gpu_layers)
+        # llama.cpp logs "offloaded N/M layers to GPU" only when it can offload at all; without, nothing is.
+        self.offloaded_layers, self.offloadable_layers = offload or (0, self.n_layer + 1)
         self._vocab = lib.llama_model_get_vocab(self._model)
         self.n_embd = int(lib.llama_model_n_embd(self._model))
         self.n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
@@ -278,13 +435,18 @@ class LlmEngine:
                               f"says {llm['n_embd']} / {llm['n_vocab']}")
 
         self.n_ctx = int(opts.n_ctx or llm["n_ctx"])
-        self._n_batch = min(self.n_ctx, 2048)
+        self.max_batch = int(opts.max_batch)
+        kv_cells = self.n_ctx * self.max_batch
+        self._n_batch = min(kv_cells, 8192)
         threads = int(opts.n_threads or _usable_cpus())
         cp = lib.llama_context_default_params()
-        cp.n_ctx = self.n_ctx
+        cp.n_ctx = kv_cells
         cp.n_batch = self._n_batch
         cp.n_ubatch = min(512, self._n_batch)
-        cp.n_seq_max = 1
+        cp.n_seq_max = self.max_batch * (1 + MAX_BEAMS)
+        # One pool of cells for every sequence: a beam's copy of the prompt shares its cells instead of copying them,
+        # and each window may use n_ctx cells wherever they are free.
+        cp.kv_unified = True
         cp.n_threads = threads
         cp.n_threads_batch = threads
         cp.type_k = cp.type_v = KV_CACHE_TYPES[opts.kv_cache_type]
@@ -293,9 +455,10 @@ class LlmEngine:
         cp.no_perf = True
         self._ctx = lib.llama_init_from_model(self._model, cp)
         if not self._ctx:
-            raise NatureLMEdgeError(f"{self.model_path}: llama.cpp could not create a context of {self.n_ctx} "
-                                    "tokens (out of memory? try a smaller n_ctx)")
+            raise NatureLMEdgeError(f"{self.model_path}: llama.cpp could not create a context of {kv_cells} "
+                                    "tokens (out of memory? try a smaller n_ctx or max_batch)")
         self._mem = lib.llama_get_memory(self._ctx)
+        self._slots = [_Slot(base=i * (1 + MAX_BEAMS)) for i in range(self.max_batch)]
 
         self.adapter_path = Path(adapter_path) if adapter_path else None
         self._adapter = None
@@ -319,11 +482,15 @@ class LlmEngine:
         self._suffix_cache: dict[str, list[int]] = {}
         self._label_cache: dict[str, list[int]] = {}
         self._digits: np.ndarray | None = None
-        self._n_prefix: int | None = None
         self.prefix_ms = 0.0
-        logger.info("LLM %s: %s, n_ctx %d, %d threads, %s GPU layers%s", model_type, self.model_path.name,
-                    self.n_ctx, threads, "all" if self.n_gpu_layers < 0 else self.n_gpu_layers,
+        logger.info("LLM %s: %s, n_ctx %d x %d windows, %d threads, GPU layers %s%s", model_type,
+                    self.model_path.name, self.n_ctx, self.max_batch, threads, self.offload_text,
                     f", LoRA adapter at scale {self.lora_scale}" if self._adapter else "")
+
+    @property
+    def offload_text(self) -> str:
+        """"N/M": the layers llama.cpp put on the GPU, of the model's layers + its output layer."""
+        return f"{self.offloaded_layers}/{self.offloadable_layers}"
 
     @classmethod
     def from_bundle(cls, bundle, options: EngineOptions | None = None) -> LlmEngine:
@@ -379,9 +546,7 @@ class LlmEngine:
         if lib.llama_set_adapters_lora(self._ctx, adapters, 1, scales) != 0:
             raise NatureLMEdgeError(f"{self.adapter_path}: llama.cpp could not apply the LoRA adapter")
         self.lora_scale = float(scale)
-        self._n_prefix = None
-        if self._ctx:
-            lib.llama_memory_clear(self._mem, True)
+        self._forget_all()
 
     # -----------------------------------------------------------------------------------------------------------------
     # Tokens
@@ -479,69 +644,70 @@ class LlmEngine:
     # -----------------------------------------------------------------------------------------------------------------
     # Decoding primitives
 
+    def _forget_all(self) -> None:
+        for slot in self._slots:
+            slot.n_prefix = None
+        if self._ctx:
+            self._lib.llama_memory_clear(self._mem, True)
+
     def _run(self, batch: _Batch, n: int) -> None:
         batch.batch.n_tokens = n
         rc = self._lib.llama_decode(self._ctx, batch.batch)
         if rc == 1:
-            raise ConfigError(f"the LLM context is full (n_ctx {self.n_ctx}); raise n_ctx or lower max_new_tokens")
+            raise ConfigError(f"the LLM context is full (n_ctx {self.n_ctx} per window); raise n_ctx or lower "
+                              "max_new_tokens")
         if rc != 0:
             raise NatureLMEdgeError(f"{self.model_path.name}: llama_decode failed with code {rc}")
 
-    def _last_logits(self) -> np.ndarray:
-        """A view of the last output's logits, valid until the next decode."""
-        ptr = self._lib.llama_get_logits_ith(self._ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+    def _decode(self, seqs, pos, *, tokens=None, embd: np.ndarray | None = None, logits=None) -> np.ndarray:
+        """Decode rows i = (sequence seqs[i], position pos[i], tokens[i] or embd[i]) in as few llama_decode calls as
+        n_batch allows. logits: a mask of the rows whose logits to return, or None for none, or True for all.
+        Returns a copy, one row per flagged row in order: [n_flagged, n_vocab] float32."""
+        seqs = np.asarray(seqs, dtype=np.int64)
+        pos = np.asarray(pos, dtype=np.int32)
+        n = len(seqs)
+        if logits is None or logits is False:
+            want = np.zeros(n, dtype=bool)
+        elif logits is True:
+            want = np.ones(n, dtype=bool)
+        else:
+            want = np.asarray(logits, dtype=bool)
+        if embd is not None:
+            cap = min(n, self._n_batch)
+            if self._embd_batch is None or self._embd_batch.capacity < cap:
+                if self._embd_batch is not None:
+                    self._embd_batch.free()
+                self._embd_batch = _Batch(self._lib, max(cap, 64), self.n_embd)
+            batch = self._embd_batch
+        else:
+            batch = self._tok_batch
+            tokens = np.asarray(tokens, dtype=np.int32)
+        out = []
+        for start in range(0, n, batch.capacity):
+            stop = min(n, start + batch.capacity)
+            m = stop - start
+            if embd is not None:
+                batch.embd[:m] = embd[start:stop]
+            else:
+                batch.token[:m] = tokens[start:stop]
+            batch.pos[:m] = pos[start:stop]
+            batch.set_seqs(seqs[start:stop])
+            flags = want[start:stop]
+            batch.logits[:m] = flags
+            self._run(batch, m)
+            for i in np.flatnonzero(flags):
+                ptr = self._lib.llama_get_logits_ith(self._ctx, int(i))
+                out.append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
+        return np.stack(out) if out else np.zeros((0, self.n_vocab), np.float32)
 
-    def _all_logits(self, n: int) -> np.ndarray:
-        ptr = self._lib.llama_get_logits(self._ctx)
-        return np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab)).copy()
-
-    def _decode_tokens(self, ids: Sequence[int], pos0: int, logits: str = "last") -> np.ndarray | None:
-        """Decode `ids` at positions pos0, pos0 + 1, ... of sequence 0. logits: "none", "last" (returns a view) or
-        "all" (returns a copy, one row per token)."""
-        b = self._tok_batch
-        rows = []
-        total = len(ids)
-        for start in range(0, total, b.capacity):
-            chunk = ids[start:start + b.capacity]
-            n = len(chunk)
-            b.token[:n] = chunk
-            b.pos[:n] = np.arange(pos0 + start, pos0 + start + n, dtype=np.int32)
-            b.logits[:n] = 1 if logits == "all" else 0
-            if logits == "last" and start + n == total:
-                b.logits[n - 1] = 1
-            self._run(b, n)
-            if logits == "all":
-                rows.append(self._all_logits(n))
-        if logits == "all":
-            return np.concatenate(rows, axis=0) if rows else np.zeros((0, self.n_vocab), np.float32)
-        return self._last_logits() if logits == "last" and total else None
-
-    def _decode_embeddings(self, rows: np.ndarray, pos0: int, logits: bool = False) -> np.ndarray | None:
-        n = rows.shape[0]
-        if self._embd_batch is None or self._embd_batch.capacity < n:
-            if self._embd_batch is not None:
-                self._embd_batch.free()
-            self._embd_batch = _Batch(self._lib, max(n, 64), self.n_embd)
-        b = self._embd_batch
-        b.embd[:n] = rows
-        b.pos[:n] = np.arange(pos0, pos0 + n, dtype=np.int32)
-        b.logits[:n] = 1 if logits else 0
-        self._run(b, n)
-        return self._all_logits(n) if logits else None
-
-    def _decode_one(self, token: int, pos: int) -> np.ndarray:
-        b = self._tok_batch
-        b.token[0] = token
-        b.pos[0] = pos
-        b.logits[0] = 1
-        self._run(b, 1)
-        return self._last_logits()
-
-    def _rewind(self, pos: int) -> None:
-        """Forget everything of sequence 0 from `pos` on (the KV cache keeps the earlier positions)."""
-        if not self._lib.llama_memory_seq_rm(self._mem, 0, pos, -1):
+    def _seq_rm(self, seq: int, p0: int = -1) -> None:
+        """Forget sequence `seq` from position p0 on (-1: all of it); the cells stay for other sequences that share
+        them."""
+        if not self._lib.llama_memory_seq_rm(self._mem, seq, p0, -1):
             raise NatureLMEdgeError("llama.cpp could not trim the KV cache")
+
+    def _seq_cp(self, src: int, dst: int) -> None:
+        self._lib.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
 
     def _check_audio(self, audio: np.ndarray) -> np.ndarray:
         audio = np.ascontiguousarray(audio, dtype=np.float32)
@@ -549,154 +715,316 @@ class LlmEngine:
             raise ValueError(f"audio embeddings must be [n, {self.n_embd}], got {tuple(audio.shape)}")
         if not np.all(np.isfinite(audio)):
             raise ValueError("audio embeddings contain NaN or infinity")
+        if len(self._prefix_ids) + audio.shape[0] >= self.n_ctx:
+            raise ConfigError(f"the audio prefix ({len(self._prefix_ids) + audio.shape[0]} positions) does not fit "
+                              f"the LLM context (n_ctx {self.n_ctx})")
         return audio
+
+    def _prefill(self, audios: Sequence[np.ndarray]) -> float:
+        """Clear the context and decode the prefixes of the windows into slots 0, 1, ...: the BOS and header tokens
+        once (then shared by sequence copies), all the audio rows in one batch. Returns ms per window."""
+        if not 1 <= len(audios) <= self.max_batch:
+            raise ValueError(f"{len(audios)} windows for {self.max_batch} slots")
+        audios = [self._check_audio(a) for a in audios]
+        t0 = time.perf_counter()
+        self._forget_all()
+        slots = self._slots[:len(audios)]
+        ids = self._prefix_ids
+        k = len(ids)
+        self._decode([slots[0].base] * k, np.arange(k), tokens=ids)
+        for slot in slots[1:]:
+            self._seq_cp(slots[0].base, slot.base)
+        counts = [a.shape[0] for a in audios]
+        self._decode(np.repeat([s.base for s in slots], counts), np.concatenate([k + np.arange(c) for c in counts]),
+                     embd=np.concatenate(audios))
+        for slot, c in zip(slots, counts):
+            slot.n_prefix = k + c
+        return (time.perf_counter() - t0) * 1e3 / len(audios)
 
     # -----------------------------------------------------------------------------------------------------------------
     # Windows and prompts
 
     def set_audio(self, audio: np.ndarray) -> float:
         """Start a window: clear the KV cache and decode the prefix (BOS, header, audio rows). Returns its ms."""
-        audio = self._check_audio(audio)
-        if len(self._prefix_ids) + audio.shape[0] >= self.n_ctx:
-            raise ConfigError(f"the audio prefix ({len(self._prefix_ids) + audio.shape[0]} positions) does not fit "
-                              f"the LLM context (n_ctx {self.n_ctx})")
-        t0 = time.perf_counter()
-        self._n_prefix = None
-        self._lib.llama_memory_clear(self._mem, True)
-        self._decode_tokens(self._prefix_ids, 0, logits="none")
-        self._decode_embeddings(audio, len(self._prefix_ids))
-        self._n_prefix = len(self._prefix_ids) + audio.shape[0]
-        ms = (time.perf_counter() - t0) * 1e3
+        ms = self._prefill([audio])
         self.prefix_ms = ms
         return ms
 
     @property
     def prefix_tokens(self) -> int | None:
-        return self._n_prefix
+        return self._slots[0].n_prefix
 
-    def _start_prompt(self, question: str, reserve: int) -> tuple[int, np.ndarray, Timings]:
-        if self._n_prefix is None:
-            raise RuntimeError("no audio prefix in the KV cache: call set_audio(audio) first")
-        self._rewind(self._n_prefix)
+    def _start(self, question: str, reserve: int, slots: Sequence[_Slot]) -> list[_Open]:
+        """Drop each slot's previous prompt and decode this question's suffix on all of them in one batch."""
+        for slot in slots:
+            if slot.n_prefix is None:
+                raise RuntimeError("no audio prefix in the KV cache: call set_audio(audio) first")
         suffix = self.suffix_ids(question)
-        end = self._n_prefix + len(suffix)
-        if end + reserve > self.n_ctx:
-            raise ConfigError(f"prompt {question!r} needs {end + reserve} positions (prefix, question and "
-                              f"{reserve} answer tokens) but n_ctx is {self.n_ctx}")
+        n = len(suffix)
+        for slot in slots:
+            self._seq_rm(slot.base, slot.n_prefix)
+            end = slot.n_prefix + n
+            if end + reserve > self.n_ctx:
+                raise ConfigError(f"prompt {question!r} needs {end + reserve} positions (prefix, question and "
+                                  f"{reserve} answer tokens) but n_ctx is {self.n_ctx}")
         t0 = time.perf_counter()
-        logits = self._decode_tokens(suffix, self._n_prefix, logits="last")
-        ms = (time.perf_counter() - t0) * 1e3
-        return end, logits, Timings(prompt_tokens=len(suffix), prompt_ms=ms)
+        want = np.zeros(n * len(slots), dtype=bool)
+        want[n - 1::n] = True
+        rows = self._decode(np.repeat([s.base for s in slots], n),
+                            np.concatenate([s.n_prefix + np.arange(n) for s in slots]),
+                            tokens=np.tile(suffix, len(slots)), logits=want)
+        ms = (time.perf_counter() - t0) * 1e3 / len(slots)
+        return [_Open(slot=s, end=s.n_prefix + n, logits=rows[i], prompt_tokens=n, prompt_ms=ms)
+                for i, s in enumerate(slots)]
+
+    def _reserve(self, prompt: Prompt) -> int:
+        if prompt.kind == "yes_no":
+            return 0
+        if prompt.kind == "label":
+            return max(len(self._label_ids(label)) for label in prompt.labels)
+        return 1
 
     def ask(self, prompt: Prompt) -> Answer:
         """Answer one prompt about the audio of the current window (set_audio first)."""
+        return self._ask_many(prompt, self._slots[:1])[0]
+
+    def _ask_many(self, prompt: Prompt, slots: Sequence[_Slot]) -> list[Answer]:
+        opens = self._start(prompt.question, self._reserve(prompt), slots)
         if prompt.kind == "yes_no":
-            reserve = 0
-        elif prompt.kind == "label":
-            reserve = max(len(self._label_ids(label)) for label in prompt.labels)
-        else:
-            reserve = 1
-        pos, logits, timings = self._start_prompt(prompt.question, reserve)
-        if prompt.kind == "yes_no":
-            return self._yes_no(prompt, logits, timings)
+            return [self._yes_no(prompt, o) for o in opens]
         if prompt.kind == "label":
-            return self._label(prompt, pos, logits, timings)
+            return self._label(prompt, opens)
         if prompt.kind == "count":
-            return self._count(prompt, pos, logits, timings)
-        return self._generate(prompt, pos, logits, timings)
+            return self._count(prompt, opens)
+        if prompt.beams > 1:
+            return self._beam(prompt, opens)
+        return self._generate(prompt, opens)
 
     def run_window(self, audio: np.ndarray, prompts: Sequence[Prompt], share_prefix: bool = True) -> WindowAnswers:
         """Every prompt about one window. share_prefix=False re-decodes the prefix for each prompt (what the shared
         prefix saves; kept for benchmarks and tests)."""
-        answers, prefix_ms, prefills = [], 0.0, 0
-        for i, prompt in enumerate(prompts):
-            if i == 0 or not share_prefix:
-                prefix_ms += self.set_audio(audio)
-                prefills += 1
+        if share_prefix:
+            return self.answer_windows([audio], list(prompts))[0]
+        answers, prefix_ms = [], 0.0
+        for prompt in prompts:
+            prefix_ms += self.set_audio(audio)
             answers.append(self.ask(prompt))
-        return WindowAnswers(answers=answers, prefix_tokens=self._n_prefix or 0, prefix_ms=prefix_ms,
-                             prefills=prefills)
+        return WindowAnswers(answers=answers, prefix_tokens=self.prefix_tokens or 0, prefix_ms=prefix_ms,
+                             prefills=len(answers))
+
+    def answer_windows(self, audios: Sequence[np.ndarray],
+                       prompts: Sequence[Prompt] | Sequence[Sequence[Prompt]]) -> list[WindowAnswers]:
+        """Answer the prompts of many windows, `max_batch` windows at a time in one llama.cpp context.
+
+        audios: each window's audio embeddings, [n_audio, n_embd] float32 (what AudioEncoder.encode gives per window).
+        prompts: one list of Prompts for every window, or one list per window (a window's due prompts; may be empty).
+        Returns one WindowAnswers per window, in order, each with its answers in its prompts' order.
+
+        Per group of up to max_batch windows: their audio prefixes are prefilled together (one llama_batch of audio
+        rows, one sequence per window), then each distinct prompt is asked of every window that has it: the suffixes
+        in one batch (yes_no answers come straight from it), label tokens one batch per label, and open, caption and
+        count answers, greedy or beam, advance one token per batch for all those windows together. The answers equal
+        the one-window path's (run_window / set_audio + ask): same decisions and tokens, logits within float noise.
+        Timings of shared batches are split evenly between the windows in them. Leaves the last group's prefixes in
+        the cache (set_audio/ask afterwards work on the first window of it).
+        """
+        audios = list(audios)
+        if not prompts or isinstance(prompts[0], Prompt):
+            per_window = [list(prompts)] * len(audios)
+        else:
+            per_window = [list(p) for p in prompts]
+            if len(per_window) != len(audios):
+                raise ValueError(f"{len(per_window)} prompt lists for {len(audios)} windows")
+        results: list[WindowAnswers] = []
+        for start in range(0, len(audios), self.max_batch):
+            group = audios[start:start + self.max_batch]
+            group_prompts = per_window[start:start + self.max_batch]
+            share = self._prefill(group)
+            got: list[dict] = [{} for _ in group]
+            distinct: list[Prompt] = []
+            for ps in group_prompts:
+                distinct.extend(p for p in ps if p not in distinct)
+            for prompt in distinct:
+                which = [w for w, ps in enumerate(group_prompts) if prompt in ps]
+                for w, answer in zip(which, self._ask_many(prompt, [self._slots[w] for w in which])):
+                    got[w][prompt] = answer
+            for w, ps in enumerate(group_prompts):
+                results.append(WindowAnswers(answers=[got[w][p] for p in ps], prefix_tokens=self._slots[w].n_prefix,
+                                             prefix_ms=share, prefills=1))
+        return results
 
     # -----------------------------------------------------------------------------------------------------------------
     # Prompt kinds
 
-    def _yes_no(self, prompt: Prompt, logits: np.ndarray, timings: Timings) -> Answer:
-        diff = float(logits[self.yes_id]) - float(logits[self.no_id])
+    @staticmethod
+    def _timings(o: _Open) -> Timings:
+        return Timings(o.prompt_tokens, o.prompt_ms, o.decoded, o.decode_ms)
+
+    def _yes_no(self, prompt: Prompt, o: _Open) -> Answer:
+        diff = float(o.logits[self.yes_id]) - float(o.logits[self.no_id])
         p_yes = 1.0 / (1.0 + math.exp(-diff)) if diff > -700 else 0.0
         yes = p_yes >= 0.5
         token = self.yes_id if yes else self.no_id
-        return Answer(prompt.id, prompt.kind, self.detokenize([token]), (token,), p_yes, timings,
+        return Answer(prompt.id, prompt.kind, self.detokenize([token]), (token,), p_yes, self._timings(o),
                       scores={"Yes": p_yes, "No": 1.0 - p_yes})
 
-    def _greedy(self, pos: int, logits: np.ndarray, max_new: int, allowed=None) -> tuple[list[int], float, bool, int]:
-        """Greedy decoding from `logits` (the view after the question). `allowed(step)` optionally restricts each
-        step to some token ids; the returned log-probability is then under that restriction. Returns the tokens
-        (stop token excluded), that log-probability, whether a stop token ended it, and how many decodes it took."""
-        ids: list[int] = []
-        logp = 0.0
-        stopped = False
-        decoded = 0
-        for step in range(max_new):
-            if allowed is None:
-                token = int(np.argmax(logits))
-            else:
-                cand = allowed(step)
-                sub = logits[cand].astype(np.float64)
-                k = int(np.argmax(sub))
-                token = int(cand[k])
-                m = sub[k]
-                logp += -math.log(float(np.exp(sub - m).sum()))
-            if token in self._stop_set:
-                stopped = True
-                break
-            ids.append(token)
-            if step + 1 == max_new or pos >= self.n_ctx:
-                break
-            logits = self._decode_one(token, pos)
-            pos += 1
-            decoded += 1
-        return ids, logp, stopped, decoded
+    def _greedy(self, opens: Sequence[_Open], max_new: int, allowed=None) -> list[tuple[list[int], float, bool]]:
+        """Greedy decoding of every open answer, one batch per step. `allowed(step)` optionally restricts each step
+        to some token ids; the returned log-probability is then under that restriction. Returns per answer the tokens
+        (stop token excluded), that log-probability and whether a stop token ended it."""
+        n = len(opens)
+        ids: list[list[int]] = [[] for _ in range(n)]
+        logp = [0.0] * n
+        stopped = [False] * n
+        logits = [o.logits for o in opens]
+        pos = [o.end for o in opens]
+        active = list(range(n))
+        step = 0
+        while active:
+            t0 = time.perf_counter()
+            rows = []
+            for i in active:
+                if allowed is None:
+                    token = int(np.argmax(logits[i]))
+                else:
+                    cand = allowed(step)
+                    sub = logits[i][cand].astype(np.float64)
+                    k = int(np.argmax(sub))
+                    token = int(cand[k])
+                    logp[i] += -math.log(float(np.exp(sub - sub[k]).sum()))
+                if token in self._stop_set:
+                    stopped[i] = True
+                    continue
+                ids[i].append(token)
+                if step + 1 == max_new or pos[i] >= self.n_ctx:
+                    continue
+                rows.append((i, token))
+            if rows:
+                out = self._decode([opens[i].slot.base for i, _ in rows], [pos[i] for i, _ in rows],
+                                   tokens=[t for _, t in rows], logits=True)
+                for r, (i, _) in enumerate(rows):
+                    logits[i] = out[r]
+                    pos[i] += 1
+                    opens[i].decoded += 1
+            ms = (time.perf_counter() - t0) * 1e3
+            for i in active:
+                opens[i].decode_ms += ms / len(active)
+            active = [i for i, _ in rows]
+            step += 1
+        return [(ids[i], logp[i], stopped[i]) for i in range(n)]
 
-    def _generate(self, prompt: Prompt, pos: int, logits: np.ndarray, timings: Timings) -> Answer:
-        t0 = time.perf_counter()
-        ids, _, stopped, decoded = self._greedy(pos, logits, prompt.new_tokens)
-        ms = (time.perf_counter() - t0) * 1e3
-        t = Timings(timings.prompt_tokens, timings.prompt_ms, decoded, ms)
-        return Answer(prompt.id, prompt.kind, self.answer_text(ids), tuple(ids), None, t, stopped=stopped)
+    def _generate(self, prompt: Prompt, opens: Sequence[_Open]) -> list[Answer]:
+        results = self._greedy(opens, prompt.new_tokens)
+        return [Answer(prompt.id, prompt.kind, self.answer_text(ids), tuple(ids), None, self._timings(o),
+                       stopped=stopped, decoding="greedy", num_beams=1)
+                for o, (ids, _, stopped) in zip(opens, results)]
 
-    def _count(self, prompt: Prompt, pos: int, logits: np.ndarray, timings: Timings) -> Answer:
+    def _count(self, prompt: Prompt, opens: Sequence[_Open]) -> list[Answer]:
         digits = self._digit_tokens()
         digits_or_stop = np.concatenate([digits, np.asarray(self.stop_ids, dtype=np.int64)])
-        t0 = time.perf_counter()
-        ids, logp, stopped, decoded = self._greedy(pos, logits, prompt.new_tokens,
-                                                   allowed=lambda step: digits if step == 0 else digits_or_stop)
-        ms = (time.perf_counter() - t0) * 1e3
-        t = Timings(timings.prompt_tokens, timings.prompt_ms, decoded, ms)
-        return Answer(prompt.id, prompt.kind, self.answer_text(ids), tuple(ids), math.exp(logp), t,
-                      stopped=stopped)
+        results = self._greedy(opens, prompt.new_tokens, allowed=lambda step: digits if step == 0 else digits_or_stop)
+        return [Answer(prompt.id, prompt.kind, self.answer_text(ids), tuple(ids), math.exp(logp), self._timings(o),
+                       stopped=stopped, decoding="greedy", num_beams=1)
+                for o, (ids, logp, stopped) in zip(opens, results)]
 
-    def _label(self, prompt: Prompt, pos: int, logits: np.ndarray, timings: Timings) -> Answer:
+    def _reseat(self, slot: _Slot, parent_seqs: list[int] | None, chosen: list[tuple[int, int]]) -> list[int]:
+        """Give each chosen (parent, token) beam a sequence holding its parent's cells. parent_seqs None: the parent
+        is the prompt on the slot's base sequence. A parent's first child keeps the parent's sequence; another child
+        gets a sequence no beam runs on now, cleared and copied from the parent (shared cells, no KV copied)."""
+        if parent_seqs is None:
+            seqs = slot.beam_seqs[:len(chosen)]
+            for s in seqs:
+                self._seq_rm(s)
+                self._seq_cp(slot.base, s)
+            return seqs
+        seqs: list[int | None] = [None] * len(chosen)
+        claimed = set()
+        for k, (parent, _) in enumerate(chosen):
+            if parent not in claimed:
+                claimed.add(parent)
+                seqs[k] = parent_seqs[parent]
+        free = [s for j, s in enumerate(parent_seqs) if j not in claimed]
+        free += [s for s in slot.beam_seqs if s not in parent_seqs]
+        for k, (parent, _) in enumerate(chosen):
+            if seqs[k] is None:
+                s = free.pop(0)
+                self._seq_rm(s)
+                self._seq_cp(parent_seqs[parent], s)
+                seqs[k] = s
+        return seqs
+
+    def _beam(self, prompt: Prompt, opens: Sequence[_Open]) -> list[Answer]:
+        """Beam search (edge/beam.py) of every open answer; all their running beams decode in one batch per step."""
+        width = prompt.beams
+        searches = []
+        for o in opens:
+            # Every beam may hold up to max_new cells of its own: the window's n_ctx bounds them all together.
+            max_new = min(prompt.new_tokens, (self.n_ctx - o.end) // width)
+            if max_new < 1:
+                raise ConfigError(f"prompt {prompt.question!r}: no room for {width} beams in n_ctx {self.n_ctx}")
+            searches.append(BeamSearch(width, max_new, self.stop_ids, prompt.length_penalty))
+        seqs: list[list[int] | None] = [None] * len(opens)
+        logits = [o.logits[None, :] for o in opens]
+        active = list(range(len(opens)))
+        while active:
+            t0 = time.perf_counter()
+            rows: list[tuple[int, int, int, int]] = []  # (answer, sequence, position, token)
+            still = []
+            for i in active:
+                chosen = searches[i].step(logits[i])
+                if chosen is None:
+                    continue
+                seqs[i] = self._reseat(opens[i].slot, seqs[i], chosen)
+                at = opens[i].end + searches[i].length - 1
+                rows.extend((i, s, at, token) for (_, token), s in zip(chosen, seqs[i]))
+                still.append(i)
+            if rows:
+                out = self._decode([r[1] for r in rows], [r[2] for r in rows], tokens=[r[3] for r in rows],
+                                   logits=True)
+                for i in still:
+                    mine = [r for r, row in enumerate(rows) if row[0] == i]
+                    logits[i] = out[mine]
+                    opens[i].decoded += len(mine)
+            ms = (time.perf_counter() - t0) * 1e3
+            for i in active:
+                opens[i].decode_ms += ms / len(active)
+            active = still
+        for o in opens:
+            for s in o.slot.beam_seqs[:width]:
+                self._seq_rm(s)
+        return [Answer(prompt.id, prompt.kind, self.answer_text(b.tokens), b.tokens, None, self._timings(o),
+                       stopped=b.stopped, decoding="beam", num_beams=width) for o, b in zip(opens, searches)]
+
+    def _label(self, prompt: Prompt, opens: Sequence[_Open]) -> list[Answer]:
         t0 = time.perf_counter()
-        first = _log_softmax(logits)
-        totals, decoded = [], 0
-        for label in prompt.labels:
+        firsts = log_softmax_rows(np.stack([o.logits for o in opens]))
+        totals = np.zeros((len(opens), len(prompt.labels)))
+        decoded = 0
+        for j, label in enumerate(prompt.labels):
             ids = self._label_ids(label)
-            rows = self._decode_tokens(ids, pos, logits="all")
-            decoded += len(ids)
-            total = float(first[ids[0]])
-            for j in range(1, len(ids)):
-                total += float(_log_softmax(rows[j - 1])[ids[j]])
-            last = _log_softmax(rows[-1])
-            total += float(np.logaddexp.reduce(last[list(self.stop_ids)]))
-            totals.append(total)
-            self._rewind(pos)
-        shares = np.exp(np.asarray(totals) - np.logaddexp.reduce(totals))
-        best = int(np.argmax(shares))
-        ms = (time.perf_counter() - t0) * 1e3
-        t = Timings(timings.prompt_tokens, timings.prompt_ms, decoded, ms)
-        label = prompt.labels[best]
-        return Answer(prompt.id, prompt.kind, label, tuple(self._label_ids(label)), float(shares[best]), t,
-                      scores={lab: float(s) for lab, s in zip(prompt.labels, shares)})
+            m = len(ids)
+            rows = self._decode(np.repeat([o.slot.base for o in opens], m),
+                                np.concatenate([o.end + np.arange(m) for o in opens]),
+                                tokens=np.tile(ids, len(opens)), logits=True)
+            decoded += m
+            for i, o in enumerate(opens):
+                lp = log_softmax_rows(rows[i * m:(i + 1) * m])
+                total = float(firsts[i, ids[0]])
+                for k in range(1, m):
+                    total += float(lp[k - 1, ids[k]])
+                total += float(np.logaddexp.reduce(lp[m - 1, list(self.stop_ids)]))
+                totals[i, j] = total
+                self._seq_rm(o.slot.base, o.end)
+        ms = (time.perf_counter() - t0) * 1e3 / len(opens)
+        answers = []
+        for i, o in enumerate(opens):
+            shares = np.exp(totals[i] - np.logaddexp.reduce(totals[i]))
+            best = int(np.argmax(shares))
+            o.decoded, o.decode_ms = decoded, ms
+            label = prompt.labels[best]
+            answers.append(Answer(prompt.id, prompt.kind, label, tuple(self._label_ids(label)), float(shares[best]),
+                                  self._timings(o), scores={lab: float(s) for lab, s in zip(prompt.labels, shares)}))
+        return answers
 
     # -----------------------------------------------------------------------------------------------------------------
     # Logits, for parity tests and quantization quality reports
@@ -704,37 +1032,46 @@ class LlmEngine:
     def answer_logits(self, question: str, continuation: Sequence[int] = ()) -> np.ndarray:
         """On the current prefix: logits predicting the first answer token and, teacher-forced, each token after
         `continuation`: [len(continuation) + 1, n_vocab] float32."""
-        pos, logits, _ = self._start_prompt(question, len(continuation))
-        first = logits.copy()
+        o = self._start(question, len(continuation), self._slots[:1])[0]
+        first = o.logits[None, :]
         if not continuation:
-            return first[None, :]
-        rest = self._decode_tokens(list(continuation), pos, logits="all")
-        return np.concatenate([first[None, :], rest], axis=0)
+            return first
+        m = len(continuation)
+        rest = self._decode([o.slot.base] * m, o.end + np.arange(m), tokens=list(continuation), logits=True)
+        return np.concatenate([first, rest], axis=0)
+
+    def first_token_logits(self, audios: Sequence[np.ndarray], question: str) -> np.ndarray:
+        """The logits predicting the first answer token of `question` for each window, the windows batched as
+        answer_windows batches them (up to max_batch at a time): [len(audios), n_vocab] float32."""
+        rows = []
+        for start in range(0, len(audios), self.max_batch):
+            group = audios[start:start + self.max_batch]
+            self._prefill(group)
+            rows.extend(o.logits for o in self._start(question, 0, self._slots[:len(group)]))
+        return np.stack(rows)
 
     def prompt_logits(self, audio: np.ndarray, question: str, continuation: Sequence[int] = ()) -> np.ndarray:
         """A fresh prefill of the whole prompt (+ continuation) with logits at every position, as
         `ReferenceLLM.logits` returns them: [prefix + suffix + len(continuation), n_vocab] float32."""
         audio = self._check_audio(audio)
-        self._n_prefix = None
-        self._lib.llama_memory_clear(self._mem, True)
-        parts = [self._decode_tokens(self._prefix_ids, 0, logits="all")]
-        parts.append(self._decode_embeddings(audio, len(self._prefix_ids), logits=True))
-        n_prefix = len(self._prefix_ids) + audio.shape[0]
+        self._forget_all()
+        ids = self._prefix_ids
+        k = len(ids)
+        parts = [self._decode([0] * k, np.arange(k), tokens=ids, logits=True)]
+        n = audio.shape[0]
+        parts.append(self._decode([0] * n, k + np.arange(n), embd=audio, logits=True))
+        n_prefix = k + n
         tail = self.suffix_ids(question) + list(continuation)
         if n_prefix + len(tail) > self.n_ctx:
             raise ConfigError(f"{n_prefix + len(tail)} positions do not fit n_ctx {self.n_ctx}")
-        parts.append(self._decode_tokens(tail, n_prefix, logits="all"))
-        self._lib.llama_memory_clear(self._mem, True)
+        parts.append(self._decode([0] * len(tail), n_prefix + np.arange(len(tail)), tokens=tail, logits=True))
+        self._forget_all()
         return np.concatenate(parts, axis=0)
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = np.asarray(logits, dtype=np.float64)
-    m = x.max()
-    return x - (m + math.log(float(np.exp(x - m).sum())))
-
-
 __all__ = [
+    "DEFAULT_NUM_BEAMS",
+    "MAX_BEAMS",
     "PROMPT_KINDS",
     "Answer",
     "EngineOptions",
@@ -745,5 +1082,8 @@ __all__ = [
     "clean_up_spaces",
     "gpu_offload_supported",
     "llama_lib",
+    "model_layer_count",
+    "probe_offload",
+    "resolve_gpu_layers",
     "suffix_text",
 ]

@@ -37,8 +37,9 @@ class WindowResult:
 
 
 def _engine_prompt(p: PromptSpec) -> Prompt:
+    text = p.kind in ("open", "caption")
     return Prompt(id=p.id, kind=p.kind, question=p.text, labels=tuple(p.labels),
-                  max_new_tokens=p.max_tokens if p.kind in ("open", "caption") else None)
+                  max_new_tokens=p.max_tokens if text else None, num_beams=p.num_beams if text else None)
 
 
 def _count_value(text: str):
@@ -71,7 +72,8 @@ class Pipeline:
             "quantization": llm.model_type,
             "encoder_provider": encoder.provider,
             "encoder_precision": encoder.precision,
-            "llm_offload": "all" if llm.n_gpu_layers < 0 else str(llm.n_gpu_layers),
+            # llama.cpp's own "offloaded N/M layers to GPU" (M: the model's layers + the output layer)
+            "llm_offload": llm.offload_text,
         }
 
     def set_prompts(self, prompts: list[PromptSpec]) -> None:
@@ -122,9 +124,10 @@ class Pipeline:
             value = _count_value(text)
         else:
             value = text
+        decoding = {"method": answer.decoding, "num_beams": answer.num_beams} if answer.decoding else None
         return Event(device_id=self.device_id, source=source, window=window, prompt_id=spec.id, kind=spec.kind,
                      answer=value, score=score, positive=positive, model=self._model_info(), timing_ms={},
-                     question=spec.text)
+                     question=spec.text, decoding=decoding)
 
     def close(self) -> None:
         self.llm.close()

@@ -5,7 +5,8 @@ Loaded from YAML (a file, or an inline list in the daemon config) and validated 
 a ConfigError naming the file and the key path (`prompts.yaml: [2].kind: ...`).
 
 Kinds: `yes_no` (a score from one forward pass), `label` (answer constrained to `labels`), `open` and `caption`
-(greedy text, at most `max_tokens`), `count` (a number).
+(text of at most `max_tokens`, decoded by beam search with `num_beams` beams, 2 by default as upstream NatureLM-audio
+decodes, or greedily with `num_beams: 1`), `count` (a number).
 
 `priority` decides what the daemon stops asking first when the device is too hot or falls behind real time
 (edge/scheduler.py): lower goes first. Left out, it follows the kind: detections (yes_no, label) are what a recorder
@@ -29,7 +30,11 @@ from edge.errors import ConfigError, show_value
 
 KINDS = ("yes_no", "label", "open", "caption", "count")
 _ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_FIELDS = {"id", "kind", "text", "labels", "threshold", "every_n_windows", "max_tokens", "priority", "active_hours"}
+_FIELDS = {"id", "kind", "text", "labels", "threshold", "every_n_windows", "max_tokens", "priority", "active_hours",
+           "num_beams"}
+#: Kinds whose answer is decoded text and may take num_beams (edge/llm.py); 1 is greedy.
+BEAM_KINDS = ("open", "caption")
+MAX_BEAMS = 8  # edge.llm.MAX_BEAMS (the sequences each window has in the llama.cpp context)
 #: Priority of a prompt that gives none: detections are kept longest, generated text is shed first.
 DEFAULT_PRIORITY = {"yes_no": 20, "label": 20, "count": 10, "open": 0, "caption": 0}
 _HHMM = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*$")
@@ -46,6 +51,7 @@ class PromptSpec:
     max_tokens: int = 48  # open/caption: bound on generated tokens
     priority: int | None = None  # higher is kept longer when the device must shed load; None: DEFAULT_PRIORITY
     active_hours: tuple = ()  # ((start_minute, end_minute), ...) of the local day; empty: all day
+    num_beams: int | None = None  # open/caption: beam width, 1 = greedy; None: the engine's default (2, as upstream)
 
     def __post_init__(self):
         if self.priority is None:
@@ -156,10 +162,18 @@ def _parse_one(item, i: int, origin: str, base: str) -> PromptSpec:
         if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
             raise _err(origin, f"{where}.{key}", f"must be an integer in {lo}..{hi}, got {show_value(v)}")
         ints[key] = v
+    beams = item.get("num_beams")
+    if beams is not None:
+        if isinstance(beams, bool) or not isinstance(beams, int) or not 1 <= beams <= MAX_BEAMS:
+            raise _err(origin, f"{where}.num_beams", f"must be an integer in 1..{MAX_BEAMS} (1: greedy), got "
+                                                     f"{show_value(beams)}")
+        if item["kind"] not in BEAM_KINDS:
+            raise _err(origin, f"{where}.num_beams", f"only open and caption prompts are decoded with beams (this one "
+                                                     f"is {item['kind']})")
     hours = item.get("active_hours")
     active = () if hours is None else parse_active_hours(hours, origin, f"{where}.active_hours")
     return PromptSpec(id=item["id"], kind=item["kind"], text=item["text"].strip(), labels=tuple(labels),
-                      threshold=float(threshold), active_hours=active, **ints)
+                      threshold=float(threshold), active_hours=active, num_beams=beams, **ints)
 
 
 def parse_prompts(items, origin: str, base: str = "") -> list[PromptSpec]:

@@ -155,7 +155,9 @@ class PromptTemplate:
     before_audio: str = "<|start_header_id|>user<|end_header_id|>\n\n<Audio>"
     after_audio: str = "</Audio> "
     after_question: str = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
-    stop_tokens: tuple = ("<|end_of_text|>", "<|eot_id|>")
+    # Upstream's generate stops on Llama-3.1-Instruct's generation_config eos list (these three) and on id 2, a Llama 2
+    # leftover that is the text "#" in Llama 3 and is left out here (edge/llm.py).
+    stop_tokens: tuple = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")
 
     def to_dict(self) -> dict:
         d = asdict(self)

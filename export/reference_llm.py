@@ -7,7 +7,7 @@ It reproduces what ``NatureLM/models/NatureLM.py`` (v1.0.2) does on the Llama si
 * the LoRA on q/k/v/o_proj is merged in place, scaled by ``merging_alpha``: W' = W + merging_alpha * (alpha / r) * B @ A;
 * the prompt is BOS (embedded by hand) + the text before the audio + the audio embeddings + the text after the audio,
   each text piece tokenised on its own with no special tokens added (``NatureLM.prompt_wrap``);
-* decoding is greedy.
+* decoding is greedy (``generate``) or transformers' own beam search as upstream calls it (``generate_beam``).
 
 It is meant to be obviously right rather than fast.
 """
@@ -234,15 +234,14 @@ class ReferenceLLM:
     ) -> list[int]:
         """Greedy decoding; returns the new token ids, ending with the stop token when one was produced.
 
-        The reference decodes with ``num_beams=2``. The parity target is greedy (one beam) instead, because that is what
-        the device runtime does (llama.cpp decodes one sequence, and beam search would multiply the work on a Jetson),
-        and greedy decoding is a function of the logits alone, so it can be compared token for token.
+        The reference decodes with ``num_beams=2`` (``generate_beam``); greedy is the device's per-prompt option
+        (``num_beams: 1``), a function of the logits alone, compared token for token.
 
-        Stops on ``stop_ids``, by default the ids of ``<|end_of_text|>`` and ``<|eot_id|>`` read from the tokenizer.
-        (Reference quirks not reproduced: transformers' generate also stops on the generation_config's eos list, which
-        includes ``<|eom_id|>``, and NatureLM adds a stopping criterion on token id 2, a leftover from Llama 2's
-        ``</s>`` that in Llama 3 is the text "#"; pass ``stop_ids`` to model either. Its ``min_length=1`` is a no-op
-        with ``inputs_embeds``.) ``use_cache=False`` recomputes the whole sequence each step, as a cross-check.
+        Stops on ``stop_ids``, by default the ids of ``edge.spec.PROMPT.stop_tokens`` read from the tokenizer: the
+        generation config's eos list (``<|end_of_text|>``, ``<|eom_id|>``, ``<|eot_id|>``). (Reference quirk not
+        reproduced: NatureLM adds a stopping criterion on token id 2, a leftover from Llama 2's ``</s>`` that in
+        Llama 3 is the text "#"; pass ``stop_ids`` to model it. Its ``min_length=1`` is a no-op with
+        ``inputs_embeds``.) ``use_cache=False`` recomputes the whole sequence each step, as a cross-check.
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -264,6 +263,47 @@ class ReferenceLLM:
             next_embed = self._embed_ids([next_id])[None]
             step_input = next_embed if use_cache else torch.cat([step_input, next_embed], dim=1)
         return out_ids
+
+    @torch.no_grad()
+    def generate_beam(
+        self,
+        audio_embeds: torch.Tensor,
+        question: str,
+        num_beams: int = 2,
+        max_new_tokens: int = 300,
+        stop_ids: Iterable[int] | None = None,
+        length_penalty: float = 1.0,
+    ) -> list[int]:
+        """transformers' own beam search, called as NatureLM's ``generate`` calls it (``configs/inference.yml``:
+        ``num_beams=2, do_sample=False, min_length=1, repetition_penalty=1.0, length_penalty=1.0``, early_stopping at
+        its default False), on ``inputs_embeds`` with an all-ones attention mask. Returns the best beam's new token
+        ids up to and including its stop token (transformers pads shorter beams; the padding is dropped).
+
+        Stops on ``stop_ids`` (default: as ``generate``), passed as ``eos_token_id``; upstream's extra stopping
+        criterion on id 2 is left out (see ``generate``). Float32, not upstream's bfloat16 autocast.
+        """
+        stops = list(self.stop_ids if stop_ids is None else (int(i) for i in stop_ids))
+        embeds = self.prompt_embeds(audio_embeds, question)[None]
+        out = self.model.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones(1, embeds.shape[1], dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=False,
+            min_length=1,
+            repetition_penalty=1.0,
+            length_penalty=length_penalty,
+            early_stopping=False,
+            eos_token_id=stops,
+            pad_token_id=stops[0],
+            temperature=None,
+            top_p=None,
+        )
+        ids = [int(i) for i in out[0]]
+        for k, token in enumerate(ids):
+            if token in stops:
+                return ids[: k + 1]
+        return ids
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` without special tokens, as the reference's ``batch_decode(..., skip_special_tokens=True)``."""

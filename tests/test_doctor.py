@@ -17,7 +17,7 @@ from edge import doctor
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS = ["python", "board", "config", "onnxruntime", "llama.cpp", "sandbox", "microphone", "broker", "bundle",
-          "encoder", "memory", "disk", "clock", "thermal"]
+          "encoder", "llm offload", "memory", "disk", "clock", "thermal"]
 
 
 def _doctor(*args, env=None) -> subprocess.CompletedProcess:
@@ -62,6 +62,8 @@ def test_doctor_passes_with_a_good_config_bundle_and_broker(tiny_full_bundle, mq
     assert lines["memory"][0] == "PASS" and "the bundle needs" in lines["memory"][1]
     # The configured precision (fp32), measured on this machine against the bundle's reference.
     assert lines["encoder"][0] == "PASS" and lines["encoder"][1].startswith("fp32 on cpu: mean cosine 1.0000")
+    # llama.cpp's own count (this CPU build offloads nothing; the tiny model has 2 layers + the output layer)
+    assert "llama.cpp offloaded 0/3 layers to the GPU (n_gpu_layers all -> 0)" in lines["llm offload"][1]
     assert lines["thermal"] == ("PASS", "1 zone(s), hottest " + str(tmp_path / "zone" / "temp") +
                                 " 47.5 C; shedding at 85 C")
     failed = [n for n, (s, _) in lines.items() if s == "FAIL"]

@@ -78,7 +78,9 @@ def test_device_pipeline_matches_the_reference(device_pipeline, reference, seed)
 
     generated = 0
     for spec in PROMPTS[1:]:
-        ref_ids = reference.llm.generate(torch.from_numpy(emb_ref), spec["text"], max_new_tokens=spec["max_tokens"])
+        # upstream's decoding: transformers' beam search with 2 beams (the device's default for caption prompts)
+        ref_ids = reference.llm.generate_beam(torch.from_numpy(emb_ref), spec["text"], num_beams=2,
+                                              max_new_tokens=spec["max_tokens"])
         ref_ids = [i for i in ref_ids if i not in reference.llm.stop_ids]
         device_pipeline.llm.set_audio(emb_dev)
         from edge.llm import Prompt
@@ -88,6 +90,7 @@ def test_device_pipeline_matches_the_reference(device_pipeline, reference, seed)
         assert list(dev.token_ids) == ref_ids, spec["id"]
         generated += len(ref_ids)
         assert by_id[spec["id"]].answer == reference.llm.decode(ref_ids).strip()
+        assert by_id[spec["id"]].to_dict()["decoding"] == {"method": "beam", "num_beams": 2}
     assert generated >= 5  # the comparison covered real multi-token answers, not two empty ones
 
 

@@ -204,10 +204,12 @@ def test_generate_stops_on_stop_ids(ref):
     assert ref.generate(audio(1), QUESTION, max_new_tokens=0) == []
 
 
-def test_default_stops_are_the_tokenizers_end_of_text_and_eot(llama_dir):
+def test_default_stops_are_the_generation_configs_eos_list(llama_dir):
+    """Upstream's generate stops on generation_config.eos_token_id: <|end_of_text|>, <|eom_id|>, <|eot_id|>."""
     r = ReferenceLLM(llama_dir, None, 32, 32)
     tok = r.tokenizer
-    assert r.stop_ids == (tok.convert_tokens_to_ids("<|end_of_text|>"), tok.convert_tokens_to_ids("<|eot_id|>"))
+    assert r.stop_ids == tuple(tok.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"))
+    assert list(r.stop_ids) == r.model.generation_config.eos_token_id
     for stop in r.stop_ids:
         r = ReferenceLLM(llama_dir, None, 32, 32)
         first = r.generate(audio(0), QUESTION, max_new_tokens=1)[0]

@@ -96,11 +96,13 @@ def test_prompts_file(tmp_path):
         "  - {id: crow, kind: yes_no, text: 'Is there a American Crow in the audio? Answer Yes or No.', threshold: 0.7}\n"
         "  - {id: species, kind: label, text: 'What is the common name?', labels: [Crow, Owl]}\n"
         "  - {id: caption, kind: caption, text: Caption the audio., every_n_windows: 6, max_tokens: 30}\n"
+        "  - {id: life, kind: open, text: 'What is the life stage?', num_beams: 1}\n"
     )
     prompts = load_prompts(f)
-    assert [p.id for p in prompts] == ["crow", "species", "caption"]
+    assert [p.id for p in prompts] == ["crow", "species", "caption", "life"]
     assert prompts[0].threshold == 0.7 and prompts[1].labels == ("Crow", "Owl")
     assert prompts[2].due(12) and not prompts[2].due(13)
+    assert prompts[2].num_beams is None and prompts[3].num_beams == 1  # None: the engine's 2 beams, as upstream
 
 
 @pytest.mark.parametrize(
@@ -113,6 +115,8 @@ def test_prompts_file(tmp_path):
         ({"kind": "open", "text": "x"}, r"\[0\]\.id: missing"),
         ({"id": "a b", "kind": "open", "text": "x"}, r"\[0\]\.id: 'a b' must be"),
         ({"id": "a", "kind": "open", "text": "x", "every_n_windows": 0}, r"every_n_windows: must be an integer"),
+        ({"id": "a", "kind": "open", "text": "x", "num_beams": 0}, r"\[0\]\.num_beams: must be an integer in 1\.\.8"),
+        ({"id": "a", "kind": "yes_no", "text": "x", "num_beams": 2}, r"\[0\]\.num_beams: only open and caption"),
     ],
 )
 def test_bad_prompts_name_the_key(item, message):
