@@ -9,6 +9,11 @@ numbers on different CPUs:
 - arm64 (Jetson Orin's Cortex-A78AE) with the dot-product extension (`asimddp`): `sdot`/`udot`, exact; with i8mm
   (`smmla`) also exact.
 
+The features come from the CPUID that the running process sees, as numpy's runtime dispatch reads it (the same
+instruction onnxruntime's MLAS asks), not from /proc/cpuinfo alone: under an emulator, in a VM that masks features, or
+in a container, /proc/cpuinfo can describe another CPU than the one the kernels are chosen for. /proc/cpuinfo adds the
+model name and the flags numpy does not name (avx_vnni, amx_int8, i8mm), only when it agrees with CPUID on the rest.
+
 The device records this in health and in its encoder self-check, the workstation in the bundle's verification, the
 tests in pytest's header, and the benchmarks in their JSON.
 """
@@ -39,10 +44,41 @@ def _cpuinfo() -> tuple[str, frozenset]:
     return model or platform.processor() or "unknown", frozenset(flags)
 
 
+#: Our flag names -> numpy's runtime CPU feature names (numpy/_core/src/common/npy_cpu_features.h).
+_NUMPY_NAMES = {"avx2": "AVX2", "avx512f": "AVX512F", "avx512bw": "AVX512BW", "avx512_vnni": "AVX512VNNI",
+                "asimddp": "ASIMDDP", "sve": "SVE"}
+
+
+def _numpy_features() -> dict | None:
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as feats  # numpy 2
+    except ImportError:
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__ as feats  # numpy 1.x (JetPack's)
+        except ImportError:
+            return None
+    return dict(feats)
+
+
+@functools.lru_cache(maxsize=1)
+def _flags() -> tuple[frozenset, str]:
+    """(flags, where they came from)."""
+    proc = _cpuinfo()[1]
+    feats = _numpy_features()
+    if not feats:
+        return proc, "/proc/cpuinfo"
+    known = {f: n for f, n in _NUMPY_NAMES.items() if n in feats}
+    flags = {f for f, n in known.items() if feats[n]}
+    if all((f in proc) == (f in flags) for f in known):
+        flags |= {f for f in ("avx_vnni", "amx_int8", "i8mm") if f in proc}
+        return frozenset(flags), "cpuid"
+    return frozenset(flags), "cpuid (differs from /proc/cpuinfo: emulated or masked CPU)"
+
+
 def int8_kernel(machine: str | None = None, flags=None) -> str:
     """A short name for the int8 matrix-product path onnxruntime's CPU kernels take here."""
     machine = (machine or platform.machine()).lower()
-    flags = _cpuinfo()[1] if flags is None else frozenset(flags)
+    flags = _flags()[0] if flags is None else frozenset(flags)
     if machine in ("x86_64", "amd64", "i686", "x86"):
         if "amx_int8" in flags:
             return "x86-amx"
@@ -70,10 +106,11 @@ def u8s8_saturates(kernel: str | None = None) -> bool:
 
 
 def cpu_info() -> dict:
-    """{"machine", "model", "flags": [the relevant ones present], "int8_kernel"}: JSON-ready."""
-    model, flags = _cpuinfo()
-    return {"machine": platform.machine(), "model": model,
-            "flags": [f for f in RELEVANT_FLAGS if f in flags], "int8_kernel": int8_kernel(flags=flags)}
+    """{"machine", "model", "flags": [the relevant ones present], "flags_from", "int8_kernel"}: JSON-ready."""
+    model = _cpuinfo()[0]
+    flags, source = _flags()
+    return {"machine": platform.machine(), "model": model, "flags": [f for f in RELEVANT_FLAGS if f in flags],
+            "flags_from": source, "int8_kernel": int8_kernel(flags=flags)}
 
 
 def cpu_line() -> str:
