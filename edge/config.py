@@ -1,8 +1,10 @@
 """The field daemon's configuration: one YAML file, validated at load into frozen dataclasses.
 
-Every problem is a ConfigError with one line that names the file and the key path
+Every problem is one line that names the file and the key path
 (`daemon.yaml: mqtt.port: must be an integer 1..65535, got 'abc'`), raised before anything starts: a recorder that
-is left alone for months should refuse a bad file at install time, not fail at 3 a.m. on the first reconnect.
+is left alone for months should refuse a bad file at install time, not fail at 3 a.m. on the first reconnect. All
+problems of a file are collected and raised together (ConfigErrors, one line each), structural ones included when a
+path in the file does not exist on the machine that checks it.
 
 Relative paths in the file are relative to the file's own directory, so a config and its prompts file can move
 together. Secrets (the MQTT password) are never stored in these objects: the config names where the password lives
@@ -16,6 +18,7 @@ import difflib
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -365,17 +368,46 @@ def _finite(v) -> bool:
         return False
 
 
-class _Section:
-    """A mapping being read, that knows its key path and reports unknown keys when done."""
+#: load_config collects every problem here (one ConfigError each) instead of stopping at the first; per thread, so
+#: a SIGHUP reload and a test never share a list.
+_collector = threading.local()
+#: raw() of a required key that is missing: reported already, so the typed getters say nothing more about it.
+_MISSING = object()
 
-    def __init__(self, origin: str, data, path: str, base_dir: Path):
-        self.origin, self.path, self.base_dir = origin, path, base_dir
+
+def _report(err: ConfigError) -> None:
+    errors = getattr(_collector, "errors", None)
+    if errors is None:
+        raise err
+    errors.append(err)
+
+
+class ConfigErrors(ConfigError):
+    """Every problem of one config file, one line each (`check-config` and the daemon print them all)."""
+
+    def __init__(self, errors: list[ConfigError]):
+        self.errors = list(errors)
+        super().__init__("\n".join(str(e) for e in self.errors))
+
+
+class _Section:
+    """A mapping being read, that knows its key path and reports unknown keys when done.
+
+    A problem is reported (and reading goes on with the default, or None) rather than raised, so that a file with
+    several mistakes gets them all at once: `fail`. A section that is itself missing or not a mapping is reported
+    once, and then read as empty and `quiet` (its own keys would only repeat that)."""
+
+    def __init__(self, origin: str, data, path: str, base_dir: Path, quiet: bool = False):
+        self.origin, self.path, self.base_dir, self.quiet = origin, path, base_dir, quiet
+        self.bad: set = set()  # keys reported as wrong: cross-checks involving them would only add noise
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise self.error(None, f"must be a mapping, got {show_value(data)}")
+            self.fail(None, f"must be a mapping, got {show_value(data)}")
+            data, self.quiet = {}, True
         self.data = data
         self.used: set = set()
+        self._typos: set = set()
 
     def key(self, name) -> str:
         name = key_text(name)
@@ -385,61 +417,86 @@ class _Section:
         where = self.key(name) if name is not None else (self.path or "top level")
         return ConfigError(f"{self.origin}: {where}: {message}")
 
-    def _missing(self, name: str, what: str) -> ConfigError:
+    def fail(self, name, message: str) -> None:
+        """Report a problem at `name` (None: the section itself); raises only outside load_config's collection."""
+        self.bad.add(name)
+        if not self.quiet:
+            _report(self.error(name, message))
+
+    def ok(self, *names) -> bool:
+        """None of `names` was reported wrong (so a check across them is meaningful)."""
+        return not self.bad.intersection(names)
+
+    def _bad(self, name, message: str, default):
+        self.fail(name, message)
+        return None if default is _REQUIRED else default
+
+    def _missing(self, name: str, what: str) -> str:
         # A required key is often missing because it is misspelt: say so, rather than only "missing".
         typo = difflib.get_close_matches(name, [str(k) for k in self.data if k not in self.used], n=1)
-        return self.error(name, f"missing ({what})" + (f"; is {typo[0]!r} a misspelling of it?" if typo else ""))
+        self._typos.update(typo)  # done() does not report it again as an unknown key
+        return f"missing ({what})" + (f"; is {typo[0]!r} a misspelling of it?" if typo else "")
 
     def raw(self, name: str, default=_REQUIRED):
         self.used.add(name)
         if name not in self.data or (self.data[name] is None and default is not _REQUIRED):
             if default is _REQUIRED:
-                raise self._missing(name, "required")
+                self.fail(name, self._missing(name, "required"))
+                return _MISSING
             return default
         return self.data[name]
 
     def sub(self, name: str, required: bool = False) -> _Section | None:
+        """The section under `name`; None when it is absent and optional (a required one that is absent is reported
+        and read as an empty, quiet section)."""
         if name not in self.data or self.data[name] is None:
             self.used.add(name)
             if required:
-                raise self._missing(name, "required section")
+                self.fail(name, self._missing(name, "required section"))
+                return _Section(self.origin, {}, self.key(name), self.base_dir, quiet=True)
             return None
-        return _Section(self.origin, self.raw(name), self.key(name), self.base_dir)
+        return _Section(self.origin, self.raw(name), self.key(name), self.base_dir, quiet=self.quiet)
 
     def string(self, name: str, default=_REQUIRED, pattern: re.Pattern | None = None, hint: str = ""):
         v = self.raw(name, default)
+        if v is _MISSING:
+            return None
         if v is default and default is not _REQUIRED:
             return v
         if not isinstance(v, str) or not v.strip():
-            raise self.error(name, f"must be a non-empty string, got {show_value(v)}")
+            return self._bad(name, f"must be a non-empty string, got {show_value(v)}", default)
         if pattern is not None and not pattern.match(v):
-            raise self.error(name, f"{hint}, got {show_value(v)}")
+            return self._bad(name, f"{hint}, got {show_value(v)}", default)
         return v
 
     def choice(self, name: str, options: tuple, default=_REQUIRED):
         v = self.raw(name, default)
+        if v is _MISSING:
+            return None
         if v not in options:
-            raise self.error(name, f"must be one of {', '.join(options)}, got {show_value(v)}")
+            return self._bad(name, f"must be one of {', '.join(options)}, got {show_value(v)}", default)
         return v
 
     def boolean(self, name: str, default=_REQUIRED) -> bool:
         v = self.raw(name, default)
+        if v is _MISSING:
+            return None
         if not isinstance(v, bool):
-            raise self.error(name, f"must be true or false, got {show_value(v)}")
+            return self._bad(name, f"must be true or false, got {show_value(v)}", default)
         return v
 
     def integer(self, name: str, lo: int, hi: int | None = None, default=_REQUIRED):
         v = self.raw(name, default)
-        if v is default and default is None:
+        if v is _MISSING or (v is default and default is None):
             return None
         rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
         if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
-            raise self.error(name, f"must be an integer {rng}, got {show_value(v)}")
+            return self._bad(name, f"must be an integer {rng}, got {show_value(v)}", default)
         return v
 
     def number(self, name: str, lo: float, hi: float | None = None, default=_REQUIRED, lo_open: bool = False):
         v = self.raw(name, default)
-        if v is default and default is None:
+        if v is _MISSING or (v is default and default is None):
             return None
         low = f"> {lo:g}" if lo_open else f">= {lo:g}"
         rng = low if hi is None else (f"{low} and <= {hi:g}" if lo_open else f"{lo:g}..{hi:g}")
@@ -447,12 +504,15 @@ class _Section:
         if ok:
             ok = (v > lo if lo_open else v >= lo) and (hi is None or v <= hi)
         if not ok:
-            raise self.error(name, f"must be a number {rng}, got {show_value(v)}")
+            bad = self._bad(name, f"must be a number {rng}, got {show_value(v)}", default)
+            return None if bad is None else float(bad)
         return float(v)
 
     def size(self, name: str, default=_REQUIRED) -> int:
         """Bytes: an integer, or a number with a unit: KiB/MiB/GiB/TiB (1024-based), kB/MB/GB/TB (1000-based)."""
         v = self.raw(name, default)
+        if v is _MISSING:
+            return None
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v
         m = _SIZE.match(v) if isinstance(v, str) else None
@@ -462,33 +522,36 @@ class _Section:
             value = float(m.group(1)) * (1024 if m.group(3) else 1000) ** power
             if 1 <= value < 2 ** 63:  # float() of 400 digits is inf, and int(inf) raises
                 return int(value)
-        raise self.error(name, f"must be a positive size in bytes (e.g. 67108864, '64MiB' or '2GB'), got {show_value(v)}")
+        return self._bad(name, f"must be a positive size in bytes (e.g. 67108864, '64MiB' or '2GB'), got "
+                               f"{show_value(v)}", default)
 
     def path_value(self, name: str, default=_REQUIRED, must_exist: str | None = None) -> Path | None:
         v = self.raw(name, default)
-        if v is default and default is None:
+        if v is _MISSING or (v is default and default is None):
             return None
         if isinstance(v, Path):
             p = v
         elif isinstance(v, str) and v.strip():
             p = Path(os.path.expanduser(v.strip()))
         else:
-            raise self.error(name, f"must be a path, got {show_value(v)}")
+            return self._bad(name, f"must be a path, got {show_value(v)}", default)
         if not p.is_absolute():
             p = self.base_dir / p
+        # A path missing on this machine is one problem among others: the rest of the file is still checked.
         if must_exist == "file" and not p.is_file():
-            raise self.error(name, f"file not found: {p}")
+            self.fail(name, f"file not found: {p}")
         if must_exist == "dir" and not p.is_dir():
-            raise self.error(name, f"directory not found: {p}")
+            self.fail(name, f"directory not found: {p}")
         return p
 
     def done(self) -> None:
-        unknown = [k for k in self.data if k not in self.used]
-        if unknown:
-            known = sorted(str(k) for k in self.used)
-            close = difflib.get_close_matches(str(unknown[0]), known, n=1)
+        known = sorted(str(k) for k in self.used)
+        for k in self.data:
+            if k in self.used or str(k) in self._typos:
+                continue
+            close = difflib.get_close_matches(str(k), known, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"known here: {', '.join(known)}"
-            raise self.error(unknown[0], f"unknown key ({hint})")
+            self.fail(k, f"unknown key ({hint})")
 
 
 def _bundle(s: _Section) -> BundleConfig:
@@ -514,14 +577,16 @@ def _expect_gpu(s: _Section) -> bool | None:
         return None
     if isinstance(v, bool):
         return v
-    raise s.error("expect_gpu", f"must be auto, true or false, got {show_value(v)}")
+    s.fail("expect_gpu", f"must be auto, true or false, got {show_value(v)}")
+    return None
 
 
 def _mic(sub: _Section) -> MicConfig:
     dev = sub.raw("device", None)
     bad = isinstance(dev, bool) or not isinstance(dev, (str, int, type(None)))
     if bad or (isinstance(dev, str) and not dev.strip()) or (isinstance(dev, int) and dev < 0):
-        raise sub.error("device", f"must be a device name (substring) or an index >= 0, got {show_value(dev)}")
+        sub.fail("device", f"must be a device name (substring) or an index >= 0, got {show_value(dev)}")
+        dev = None
     return MicConfig(device=dev, samplerate=sub.integer("samplerate", 1000, 768000, None),
                      channels=sub.integer("channels", 1, 64, 1), block_s=sub.number("block_s", 0.005, 1.0, 0.1))
 
@@ -550,8 +615,8 @@ def _source(s: _Section) -> SourceConfig:
         sub.done()
     lo = s.number("reconnect_min_delay_s", 0.05, 3600, 1.0)
     hi = s.number("reconnect_max_delay_s", 0.05, 86400, 60.0)
-    if hi < lo:
-        raise s.error("reconnect_max_delay_s", f"must be >= reconnect_min_delay_s ({lo:g}), got {hi:g}")
+    if s.ok("reconnect_min_delay_s", "reconnect_max_delay_s") and hi < lo:
+        s.fail("reconnect_max_delay_s", f"must be >= reconnect_min_delay_s ({lo:g}), got {hi:g}")
     cfg = SourceConfig(type=kind, mic=parsed.get("mic"), file=parsed.get("file"), stdin=parsed.get("stdin"),
                        stall_timeout_s=s.number("stall_timeout_s", 0.2, 3600, 5.0),
                        reconnect_min_delay_s=lo, reconnect_max_delay_s=hi, ring_s=s.number("ring_s", 1.0, 3600, 30.0))
@@ -563,8 +628,8 @@ def _windowing(s: _Section | None, origin: str, base_dir: Path) -> WindowingConf
     s = s or _Section(origin, {}, "windowing", base_dir)
     window = s.number("window_s", 0.0, 600, 10.0, lo_open=True)
     hop = s.number("hop_s", 0.0, 600, 5.0, lo_open=True)
-    if hop > window:
-        raise s.error("hop_s", f"must be <= window_s ({window:g}); a longer hop leaves audio unheard, got {hop:g}")
+    if s.ok("hop_s", "window_s") and hop > window:
+        s.fail("hop_s", f"must be <= window_s ({window:g}); a longer hop leaves audio unheard, got {hop:g}")
     cfg = WindowingConfig(window_s=window, hop_s=hop, gate_dbfs=s.number("gate_dbfs", -200.0, 0.0, None),
                           max_pending=s.integer("max_pending", 1, 1000, 4))
     s.done()
@@ -580,20 +645,20 @@ def _mqtt(s: _Section) -> MqttConfig:
                         key=t.path_value("key", None, must_exist="file"),
                         insecure=t.boolean("insecure", False))
         if tls.key is not None and tls.cert is None:
-            raise t.error("key", "a client key needs its certificate (cert)")
+            t.fail("key", "a client key needs its certificate (cert)")
         t.done()
     username = s.string("username", None)
     pw_file = s.path_value("password_file", None, must_exist="file")
     credential = s.string("password_credential", None, re.compile(r"^[A-Za-z0-9_.-]{1,255}$"),
                           "must be a systemd credential name (letters, digits, '_', '.', '-')")
     if pw_file is not None and credential is not None:
-        raise s.error("password_credential", "give password_file or password_credential, not both")
+        s.fail("password_credential", "give password_file or password_credential, not both")
     if (pw_file is not None or credential is not None) and username is None:
-        raise s.error("username", "missing: a password needs a user name")
+        s.fail("username", "missing: a password needs a user name")
     lo = s.number("reconnect_min_delay_s", 0.05, 3600, 1.0)
     hi = s.number("reconnect_max_delay_s", 0.05, 86400, 120.0)
-    if hi < lo:
-        raise s.error("reconnect_max_delay_s", f"must be >= reconnect_min_delay_s ({lo:g}), got {hi:g}")
+    if s.ok("reconnect_min_delay_s", "reconnect_max_delay_s") and hi < lo:
+        s.fail("reconnect_max_delay_s", f"must be >= reconnect_min_delay_s ({lo:g}), got {hi:g}")
     cfg = MqttConfig(
         host=s.string("host", "localhost"),
         port=s.integer("port", 1, 65535, 8883 if tls else 1883),
@@ -646,6 +711,41 @@ def load_config(path, env=None) -> Config:
     except RecursionError:  # PyYAML composes nested collections recursively
         raise ConfigError(f"{origin}: not valid YAML: nested too deeply") from None
     base_dir = path.resolve().parent
+    # Every problem of the file, not only the first: one fix-and-retry round per mistake is slow at a field station.
+    _collector.errors = errors = []
+    try:
+        cfg = _read(path, origin, data, base_dir, env)
+    finally:
+        _collector.errors = None
+    if errors:
+        raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
+    return cfg
+
+
+def _prompts(top: _Section, origin: str, base_dir: Path) -> tuple:
+    raw_prompts = top.raw("prompts")
+    if raw_prompts is _MISSING:
+        return ()
+    try:
+        if isinstance(raw_prompts, str):
+            p = Path(os.path.expanduser(raw_prompts))
+            p = p if p.is_absolute() else base_dir / p
+            if not p.is_file():
+                top.fail("prompts", f"prompts file not found: {p}")
+                return ()
+            return tuple(load_prompts(p))
+        if isinstance(raw_prompts, list):
+            return tuple(load_prompts(raw_prompts, origin, base="prompts"))
+    except ConfigError as e:  # one line per bad prompt (edge/prompts.py)
+        for line in str(e).splitlines():
+            _report(ConfigError(line))
+        top.bad.add("prompts")
+        return ()
+    top.fail("prompts", f"must be a path to a prompts file or a list of prompts, got {show_value(raw_prompts)}")
+    return ()
+
+
+def _read(path: Path, origin: str, data, base_dir: Path, env) -> Config:
     top = _Section(origin, data, "", base_dir)
 
     device_id = top.string("device_id", pattern=_TOPIC_WORD,
@@ -653,23 +753,13 @@ def load_config(path, env=None) -> Config:
     # systemd's StateDirectory= sets $STATE_DIRECTORY; an explicit state_dir wins.
     state_dir = top.path_value("state_dir", Path(env.get("STATE_DIRECTORY", "").split(":")[0] or DEFAULT_STATE_DIR))
     if state_dir.exists() and not state_dir.is_dir():
-        raise top.error("state_dir", f"{state_dir} exists and is not a directory")
+        top.fail("state_dir", f"{state_dir} exists and is not a directory")
 
     bundle = _bundle(top.sub("bundle", required=True))
     source = _source(top.sub("source", required=True))
     windowing = _windowing(top.sub("windowing"), origin, base_dir)
 
-    raw_prompts = top.raw("prompts")
-    if isinstance(raw_prompts, str):
-        p = Path(os.path.expanduser(raw_prompts))
-        p = p if p.is_absolute() else base_dir / p
-        if not p.is_file():
-            raise top.error("prompts", f"prompts file not found: {p}")
-        prompts = tuple(load_prompts(p))
-    elif isinstance(raw_prompts, list):
-        prompts = tuple(load_prompts(raw_prompts, origin, base="prompts"))
-    else:
-        raise top.error("prompts", f"must be a path to a prompts file or a list of prompts, got {show_value(raw_prompts)}")
+    prompts = _prompts(top, origin, base_dir)
 
     mqtt = _mqtt(top.sub("mqtt", required=True))
 
@@ -688,7 +778,8 @@ def load_config(path, env=None) -> Config:
     watchdog = WatchdogConfig(enabled=w.boolean("enabled", True))
     w.done()
     scheduling = _scheduling(top.sub("scheduling") or _Section(origin, {}, "scheduling", base_dir))
-    privacy = _privacy(top.sub("privacy") or _Section(origin, {}, "privacy", base_dir), prompts)
+    privacy = _privacy(top.sub("privacy") or _Section(origin, {}, "privacy", base_dir), prompts,
+                       prompts_ok=top.ok("prompts"))
 
     def section(name):
         return top.sub(name) or _Section(origin, {}, name, base_dir)
@@ -697,26 +788,26 @@ def load_config(path, env=None) -> Config:
     detections = _detections(section("detections"), prompts)
     remote_control = _remote_control(section("remote_control"), prompts)
     if privacy.prompt_id is not None and privacy.prompt_id in remote_control.prompts:
-        raise top.error("remote_control", f"prompts: the privacy prompt {privacy.prompt_id!r} cannot be changed "
-                                          "remotely (a disabled privacy prompt would save the clips it guards)")
+        top.fail("remote_control", f"prompts: the privacy prompt {privacy.prompt_id!r} cannot be changed "
+                                   "remotely (a disabled privacy prompt would save the clips it guards)")
     clip_server = _endpoint(section("clip_server"), 8089, public_url=True)
     if clip_server.enabled and not clips.enabled:
-        raise top.error("clip_server", "enabled needs clips.enabled: true (it serves the saved clips)")
+        top.fail("clip_server", "enabled needs clips.enabled: true (it serves the saved clips)")
     metrics = _endpoint(section("metrics"), 9108)
     top.done()
 
-    cfg = Config(path=path, device_id=device_id, bundle=bundle, source=source, windowing=windowing,
-                 prompts=prompts, mqtt=mqtt, outbox=outbox, health=health, clips=clips, embeddings=embeddings,
-                 state_dir=state_dir, watchdog=watchdog, scheduling=scheduling, privacy=privacy, site=site,
-                 detections=detections, remote_control=remote_control, clip_server=clip_server, metrics=metrics)
-    return cfg
+    return Config(path=path, device_id=device_id, bundle=bundle, source=source, windowing=windowing,
+                  prompts=prompts, mqtt=mqtt, outbox=outbox, health=health, clips=clips, embeddings=embeddings,
+                  state_dir=state_dir, watchdog=watchdog, scheduling=scheduling, privacy=privacy, site=site,
+                  detections=detections, remote_control=remote_control, clip_server=clip_server, metrics=metrics)
 
 
 def _globs(s: _Section, name: str, default: tuple) -> tuple:
     v = s.raw(name, default)
     items = [v] if isinstance(v, str) else v
     if not isinstance(items, (list, tuple)) or not items or not all(isinstance(x, str) and x.strip() for x in items):
-        raise s.error(name, f"must be a path or glob, or a list of them, got {show_value(v)}")
+        s.fail(name, f"must be a path or glob, or a list of them, got {show_value(v)}")
+        items = default
     out = []
     for x in items:
         p = os.path.expanduser(x.strip())
@@ -728,9 +819,9 @@ def _scheduling(s: _Section) -> SchedulingConfig:
     t = s.sub("thermal") or _Section(s.origin, {}, s.key("thermal"), s.base_dir)
     shed_c = t.number("shed_above_c", -50.0, 200.0, 85.0)
     resume_c = t.number("resume_below_c", -50.0, 200.0, 75.0)
-    if resume_c >= shed_c:
+    if t.ok("resume_below_c", "shed_above_c") and resume_c >= shed_c:
         # Equal thresholds would switch a prompt on and off with every reading near the limit.
-        raise t.error("resume_below_c", f"must be below shed_above_c ({shed_c:g}) so that shedding has hysteresis, "
+        t.fail("resume_below_c", f"must be below shed_above_c ({shed_c:g}) so that shedding has hysteresis, "
                                         f"got {resume_c:g}")
     thermal = ThermalConfig(enabled=t.boolean("enabled", True), zones=_globs(t, "zones", DEFAULT_THERMAL_ZONES),
                             shed_above_c=shed_c, resume_below_c=resume_c,
@@ -739,13 +830,13 @@ def _scheduling(s: _Section) -> SchedulingConfig:
     ld = s.sub("load") or _Section(s.origin, {}, s.key("load"), s.base_dir)
     shed_rtf = ld.number("shed_rtf", 0.0, 1000, 1.0, lo_open=True)
     resume_rtf = ld.number("resume_rtf", 0.0, 1000, 0.7)
-    if resume_rtf >= shed_rtf:
-        raise ld.error("resume_rtf", f"must be below shed_rtf ({shed_rtf:g}) so that shedding has hysteresis, "
+    if ld.ok("resume_rtf", "shed_rtf") and resume_rtf >= shed_rtf:
+        ld.fail("resume_rtf", f"must be below shed_rtf ({shed_rtf:g}) so that shedding has hysteresis, "
                                      f"got {resume_rtf:g}")
     shed_pending = ld.integer("shed_pending", 1, 1000, 3)
     resume_pending = ld.integer("resume_pending", 0, 1000, 0)
-    if resume_pending >= shed_pending:
-        raise ld.error("resume_pending", f"must be below shed_pending ({shed_pending}) so that shedding has "
+    if ld.ok("resume_pending", "shed_pending") and resume_pending >= shed_pending:
+        ld.fail("resume_pending", f"must be below shed_pending ({shed_pending}) so that shedding has "
                                          f"hysteresis, got {resume_pending}")
     load = LoadConfig(enabled=ld.boolean("enabled", True), shed_rtf=shed_rtf, resume_rtf=resume_rtf,
                       shed_pending=shed_pending, resume_pending=resume_pending)
@@ -756,21 +847,21 @@ def _scheduling(s: _Section) -> SchedulingConfig:
     return cfg
 
 
-def _privacy(s: _Section, prompts: tuple) -> PrivacyConfig:
+def _privacy(s: _Section, prompts: tuple, prompts_ok: bool = True) -> PrivacyConfig:
     pid = s.string("prompt_id", None)
-    if pid is not None:
+    if pid is not None and prompts_ok:  # with the prompts in error, "names no prompt" would only be noise
         spec = next((p for p in prompts if p.id == pid), None)
         if spec is None:
-            raise s.error("prompt_id", f"names no prompt (prompts: {', '.join(p.id for p in prompts)}), got {pid!r}")
-        if spec.kind != "yes_no":
-            raise s.error("prompt_id", f"must name a yes_no prompt; {pid!r} is a {spec.kind} prompt")
+            s.fail("prompt_id", f"names no prompt (prompts: {', '.join(p.id for p in prompts)}), got {pid!r}")
+        elif spec.kind != "yes_no":
+            s.fail("prompt_id", f"must name a yes_no prompt; {pid!r} is a {spec.kind} prompt")
         # The privacy answer is needed on every window that could save a clip: no gaps in its asking.
-        if spec.every_n_windows != 1 or spec.active_hours:
-            raise s.error("prompt_id", f"prompt {pid!r} must be asked on every window (every_n_windows 1, no "
+        elif spec.every_n_windows != 1 or spec.active_hours:
+            s.fail("prompt_id", f"prompt {pid!r} must be asked on every window (every_n_windows 1, no "
                                        "active_hours): a window it skips could save a clip of what it guards")
     cfg = PrivacyConfig(prompt_id=pid, withhold_events=s.boolean("withhold_events", False))
-    if cfg.withhold_events and pid is None:
-        raise s.error("withhold_events", "needs privacy.prompt_id")
+    if cfg.withhold_events and pid is None and s.ok("prompt_id"):
+        s.fail("withhold_events", "needs privacy.prompt_id")
     s.done()
     return cfg
 
@@ -779,7 +870,7 @@ def _site(s: _Section) -> SiteConfig:
     lat = s.number("latitude", -90.0, 90.0, None)
     lon = s.number("longitude", -180.0, 180.0, None)
     if (lat is None) != (lon is None):
-        raise s.error("longitude" if lon is None else "latitude", "give both latitude and longitude, or neither")
+        s.fail("longitude" if lon is None else "latitude", "give both latitude and longitude, or neither")
     s.done()
     return SiteConfig(latitude=lat, longitude=lon)
 
@@ -787,13 +878,14 @@ def _site(s: _Section) -> SiteConfig:
 def _prompt_ids(s: _Section, name: str, prompts: tuple, kinds: tuple | None = None) -> tuple:
     v = s.raw(name, [])
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        raise s.error(name, f"must be a list of prompt ids, got {show_value(v)}")
+        s.fail(name, f"must be a list of prompt ids, got {show_value(v)}")
+        return ()
     known = {p.id: p for p in prompts}
     for i, pid in enumerate(v):
         if pid not in known:
-            raise s.error(name, f"[{i}] names no prompt (prompts: {', '.join(known)}), got {pid!r}")
-        if kinds and known[pid].kind not in kinds:
-            raise s.error(name, f"[{i}] must name a {' or '.join(kinds)} prompt; {pid!r} is a {known[pid].kind} prompt")
+            s.fail(name, f"[{i}] names no prompt (prompts: {', '.join(known)}), got {pid!r}")
+        elif kinds and known[pid].kind not in kinds:
+            s.fail(name, f"[{i}] must name a {' or '.join(kinds)} prompt; {pid!r} is a {known[pid].kind} prompt")
     return tuple(v)
 
 
@@ -812,10 +904,14 @@ def _detections(s: _Section, prompts: tuple) -> DetectionsConfig:
         known = {p.id: p for p in prompts}
         for pid in list(per.data):
             if pid not in known:
-                raise per.error(pid, f"names no prompt (prompts: {', '.join(known)})")
+                per.fail(pid, f"names no prompt (prompts: {', '.join(known)})")
+                per.used.add(pid)
+                continue
             if known[pid].kind not in ("yes_no", "label"):
-                raise per.error(pid, f"only yes_no and label prompts have detections; {pid!r} is a "
-                                     f"{known[pid].kind} prompt")
+                per.fail(pid, f"only yes_no and label prompts have detections; {pid!r} is a "
+                              f"{known[pid].kind} prompt")
+                per.used.add(pid)
+                continue
             sub = per.sub(pid, required=True)
             overrides.append((pid, _notify(sub, notify)))
             sub.done()
@@ -835,14 +931,15 @@ def _remote_control(s: _Section, prompts: tuple) -> RemoteControlConfig:
     enabled = s.boolean("enabled", False)
     allow = s.raw("allow", [])
     if not isinstance(allow, list) or not all(isinstance(a, str) for a in allow):
-        raise s.error("allow", f"must be a list of actions ({', '.join(REMOTE_ACTIONS)}), got {show_value(allow)}")
+        s.fail("allow", f"must be a list of actions ({', '.join(REMOTE_ACTIONS)}), got {show_value(allow)}")
+        allow = []
     for i, a in enumerate(allow):
         if a not in REMOTE_ACTIONS:
-            raise s.error("allow", f"[{i}] must be one of {', '.join(REMOTE_ACTIONS)}, got {show_value(a)}")
+            s.fail("allow", f"[{i}] must be one of {', '.join(REMOTE_ACTIONS)}, got {show_value(a)}")
     lo = s.number("threshold_min", 0.0, 1.0, 0.05)
     hi = s.number("threshold_max", 0.0, 1.0, 0.99)
-    if hi < lo:
-        raise s.error("threshold_max", f"must be >= threshold_min ({lo:g}), got {hi:g}")
+    if s.ok("threshold_min", "threshold_max") and hi < lo:
+        s.fail("threshold_max", f"must be >= threshold_min ({lo:g}), got {hi:g}")
     cfg = RemoteControlConfig(enabled=enabled, allow=tuple(allow),
                               prompts=_prompt_ids(s, "prompts", prompts, ("yes_no", "label")),
                               threshold_min=lo, threshold_max=hi)

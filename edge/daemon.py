@@ -518,7 +518,7 @@ class Daemon:
         try:
             new = load_config(self.cfg.path)
         except ConfigError as e:
-            logger.error("reload refused, keeping the running configuration: %s", e)
+            logger.error("reload refused, keeping the running configuration: %s", "; ".join(e.lines()))
             return
         later = restart_needed(self.cfg, new)
         try:

@@ -14,26 +14,36 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Every problem, one line each: first the file's own (all of them: edge/config.py collects), then, for a file
+    that validates, what it points at (the password, a file source's audio, the bundle's manifest and sizes)."""
     from edge.bundle import load_bundle
     from edge.config import load_config, read_mqtt_password
-    from edge.errors import ConfigError
+    from edge.errors import ConfigError, NatureLMEdgeError
+    from edge.sources import probe_source
 
-    cfg = load_config(Path(args.config))
+    cfg = load_config(Path(args.config))  # raises every problem of the file at once
+    problems: list[str] = []
     m = cfg.mqtt
+    password = "none"
     if m.password_credential is not None and not os.environ.get("CREDENTIALS_DIRECTORY"):
         password = f"credential {m.password_credential!r} is read at run time from $CREDENTIALS_DIRECTORY (not checked)"
     else:
-        password = "readable" if read_mqtt_password(m, str(cfg.path)) is not None else "none"
-    if cfg.source.type == "file":
-        from edge.errors import NatureLMEdgeError
-        from edge.sources import probe_source
-
         try:
-            probe_source(cfg.source)
+            password = "readable" if read_mqtt_password(m, str(cfg.path)) is not None else "none"
         except NatureLMEdgeError as e:
-            raise ConfigError(f"{cfg.path}: source.file.path: {e}") from None
-    # Sizes only: hashing a multi-GB bundle is the daemon's job at start-up (bundle.verify).
-    bundle = load_bundle(cfg.bundle.path, verify="size")
+            problems += e.lines()
+    try:
+        probe_source(cfg.source)  # a file that is not audio is refused here, not retried by the daemon
+    except NatureLMEdgeError as e:
+        problems.append(f"{cfg.path}: source.file.path: {e}")
+    bundle = None
+    try:
+        # Sizes only: hashing a multi-GB bundle is the daemon's job at start-up (bundle.verify).
+        bundle = load_bundle(cfg.bundle.path, verify="size")
+    except NatureLMEdgeError as e:
+        problems.append(f"{cfg.path}: bundle.path: {e}")
+    if problems:
+        raise ConfigError("\n".join(problems))
     print(f"{cfg.path}: OK")
     print(f"  {cfg.summary()}")
     print(f"  bundle {bundle.bundle_id}: {len(bundle.manifest.get('files', {}))} file(s), sizes match; "
@@ -66,9 +76,10 @@ def register(sub) -> None:
 
     p = sub.add_parser(
         "check-config",
-        help="validate a daemon configuration and exit (0: valid, 2: the first problem, named by key path)",
-        description="Validate a daemon configuration (keys, types, values, referenced files, prompts, the bundle's "
-                    "manifest and file sizes) without starting anything.",
+        help="validate a daemon configuration and exit (0: valid, 2: every problem, one line each, named by key path)",
+        description="Validate a daemon configuration (keys, types, values, referenced files, prompts, a file "
+                    "source's audio, the bundle's manifest and file sizes) without starting anything. Every problem "
+                    "is reported, one line each, not only the first.",
     )
     p.add_argument("config", metavar="FILE")
     p.set_defaults(func=cmd_check_config)

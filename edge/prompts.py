@@ -180,13 +180,21 @@ def parse_prompts(items, origin: str, base: str = "") -> list[PromptSpec]:
     """Validate a list of prompt mappings. `origin` names the file in messages, `base` the key path to the list."""
     if not isinstance(items, list) or not items:
         raise _err(origin, base or "prompts", "must be a non-empty list of prompts")
-    prompts = [_parse_one(item, i, origin, base) for i, item in enumerate(items)]
+    # Every bad prompt is reported (the first problem of each), one line each, not only the first bad prompt.
+    prompts, errors = [], []
+    for i, item in enumerate(items):
+        try:
+            prompts.append((i, _parse_one(item, i, origin, base)))
+        except ConfigError as e:
+            errors.append(str(e))
     seen = set()
-    for i, p in enumerate(prompts):
+    for i, p in prompts:
         if p.id in seen:
-            raise _err(origin, f"{base}[{i}].id", f"duplicate prompt id {p.id!r}")
+            errors.append(str(_err(origin, f"{base}[{i}].id", f"duplicate prompt id {p.id!r}")))
         seen.add(p.id)
-    return prompts
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return [p for _, p in prompts]
 
 
 def load_prompts(source, origin: str | None = None, base: str = "") -> list[PromptSpec]:

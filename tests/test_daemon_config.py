@@ -250,3 +250,43 @@ def test_check_config_cli(tmp_path, base):
     assert r.returncode == 2
     assert r.stderr.strip().startswith(f"naturelm-edge: error: {good}: source.file.path: {tmp_path / 'a.wav'}: not a "
                                        "readable audio file ("), r.stderr
+
+
+def test_every_problem_is_reported_one_line_each_even_with_paths_missing_here(tmp_path, base):
+    """Structural errors (unknown keys, wrong types) are reported together with paths that do not exist on this
+    machine, and every bad prompt: not only the first problem."""
+    base["bundle"] = {"path": "/opt/not-on-this-machine/bundle", "provider": "gpu"}
+    base["source"] = {"type": "file", "file": {"path": "/mnt/card/not-here.wav", "realtim": True}}
+    base["windowing"] = {"window_s": 2, "hop_s": -1}
+    base["mqtt"] = {"host": "127.0.0.1", "port": "abc"}
+    base["prompts"] = [{"id": "ok", "kind": "yes_no", "text": "Yes?"}, {"id": "bad", "kind": "nope", "text": "x"},
+                       {"id": "lab", "kind": "label", "text": "Which?", "labels": ["one"]}]
+    base["colour"] = "green"
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, base))
+    f = tmp_path / "daemon.yaml"
+    assert str(e.value).splitlines() == [
+        f"{f}: bundle.path: directory not found: /opt/not-on-this-machine/bundle",
+        f"{f}: bundle.provider: must be one of auto, tensorrt, cuda, cpu, got 'gpu'",
+        f"{f}: source.file.path: file not found: /mnt/card/not-here.wav",
+        f"{f}: source.file.realtim: unknown key (did you mean 'realtime'?)",
+        f"{f}: windowing.hop_s: must be a number > 0 and <= 600, got -1",
+        f"{f}: prompts[1].kind: must be one of yes_no, label, open, caption, count, got 'nope'",
+        f"{f}: prompts[2].labels: a label prompt needs at least two labels",
+        f"{f}: mqtt.port: must be an integer 1..65535, got 'abc'",
+        (f"{f}: colour: unknown key (known here: bundle, clips, device_id, embeddings, health, mqtt, outbox, privacy, "
+         "prompts, scheduling, source, state_dir, watchdog, windowing)"),
+    ]
+
+
+def test_check_config_cli_prints_every_problem(tmp_path, base):
+    base["bundle"] = {"path": "/opt/not-on-this-machine/bundle"}
+    base["mqtt"] = {"host": "127.0.0.1", "port": 0, "keepalive": 30}
+    cfg = _write(tmp_path, base)
+    r = _cli("check-config", str(cfg))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"naturelm-edge: error: {cfg}: bundle.path: directory not found: /opt/not-on-this-machine/bundle",
+        f"naturelm-edge: error: {cfg}: mqtt.port: must be an integer 1..65535, got 0",
+        f"naturelm-edge: error: {cfg}: mqtt.keepalive: unknown key (did you mean 'keepalive_s'?)",
+    ]

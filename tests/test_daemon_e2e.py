@@ -350,4 +350,6 @@ def test_bad_config_stops_before_anything_starts(tmp_path, daemons):
     cfg.write_text("device_id: x\nbundle: {path: bundle}\nsource: {type: mic}\nprompts: []\nmqtt: {port: abc}\n")
     d = daemons(cfg)
     assert d.wait(30) == 2
-    assert d.log.strip().splitlines()[-1] == f"naturelm-edge: error: {cfg}: prompts: must be a non-empty list of prompts"
+    assert d.log.strip().splitlines()[-2:] == [  # every problem, one line each
+        f"naturelm-edge: error: {cfg}: prompts: must be a non-empty list of prompts",
+        f"naturelm-edge: error: {cfg}: mqtt.port: must be an integer 1..65535, got 'abc'"]

@@ -95,9 +95,9 @@ def _load(tmp_path: Path, text: str):
     try:
         return load_config(p, env={})
     except NatureLMEdgeError as e:
-        msg = str(e)
-        assert msg and "\n" not in msg, repr(msg)
-        assert msg.startswith(str(p)), msg  # names the file
+        lines = str(e).split("\n")  # every problem, one line each
+        for line in lines:
+            assert line.startswith(str(p)) and line.strip() != str(p) + ":", repr(str(e))  # each names the file
         return None
 
 
@@ -167,7 +167,7 @@ def test_fuzz_prompt_lists(items, mutation):
         try:
             prompts = parse_prompts(candidate, "p.yaml", "prompts")
         except NatureLMEdgeError as e:
-            assert str(e).startswith("p.yaml: prompts") and "\n" not in str(e), str(e)
+            assert all(line.startswith("p.yaml: prompts") for line in str(e).split("\n")), str(e)
             continue
         for p in prompts:  # what parsed is usable
             hash(p)
