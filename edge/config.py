@@ -869,7 +869,7 @@ def _privacy(s: _Section, prompts: tuple, prompts_ok: bool = True) -> PrivacyCon
 def _site(s: _Section) -> SiteConfig:
     lat = s.number("latitude", -90.0, 90.0, None)
     lon = s.number("longitude", -180.0, 180.0, None)
-    if (lat is None) != (lon is None):
+    if s.ok("latitude", "longitude") and (lat is None) != (lon is None):
         s.fail("longitude" if lon is None else "latitude", "give both latitude and longitude, or neither")
     s.done()
     return SiteConfig(latitude=lat, longitude=lon)
