@@ -319,6 +319,20 @@ class AudioEncoder:
                               f"({x.shape[0]}, {self.embeddings_per_clip}, {self.embedding_width})")
         return y
 
+    @property
+    def batch_exact(self) -> bool:
+        """Whether a window's embeddings are the same encoded alone or in a batch. Not for int8: its dynamic
+        quantization takes one activation scale per tensor, over the whole batch, so one loud window would change
+        the rounding of a quiet one's."""
+        return self.precision != "int8"
+
+    def encode_batch(self, features: np.ndarray) -> np.ndarray:
+        """`encode` for a batch of windows, with each window's result exactly what `encode` gives it alone: one call
+        where the graph allows it (batch_exact), else one call per window."""
+        if self.batch_exact or len(features) == 1:
+            return self.encode(features)
+        return np.concatenate([self.encode(features[i:i + 1]) for i in range(len(features))])
+
 
 def _install_hint(name: str) -> str:
     if name == "tensorrt":

@@ -111,6 +111,47 @@ class Pipeline:
         self.windows_processed += 1
         return WindowResult(events=events, gated=False, timings=timings, embedding=embeddings.mean(axis=0))
 
+    def process_batch(self, items: list[tuple[np.ndarray, int, WindowInfo]], source: str,
+                      prompts: list[PromptSpec] | None = None) -> list[WindowResult]:
+        """`process` for several windows of one source at once: the front end per window, then every passing
+        window's features through the audio encoder in one call (its graph has a dynamic batch axis), then the LLM.
+        The answers are those of `process` window by window (tests/test_batch.py compares them)."""
+        t0 = time.perf_counter()
+        results: list[WindowResult | None] = [None] * len(items)
+        todo, feats, front_ms = [], [], []
+        for i, (samples, rate, window) in enumerate(items):
+            t = time.perf_counter()
+            if not self.gate.passes(samples):
+                results[i] = WindowResult(events=[], gated=True, timings={"total": (time.perf_counter() - t) * 1e3})
+                continue
+            feats.append(self.frontend.features(samples, rate, name=source))
+            front_ms.append((time.perf_counter() - t) * 1e3)
+            todo.append(i)
+        if not todo:
+            return results
+        t1 = time.perf_counter()
+        embeddings = self.encoder.encode_batch(np.concatenate(feats))  # each is (1, frames, mel_bins)
+        encoder_ms = (time.perf_counter() - t1) * 1e3 / len(todo)  # the batch's time, shared evenly
+        for j, i in enumerate(todo):
+            samples, rate, window = items[i]
+            emb = embeddings[j]
+            due = [p for p in (self.prompts if prompts is None else prompts) if p.due(window.index)]
+            events, llm_ms = [], 0.0
+            if due:
+                llm_ms += self.llm.set_audio(emb)
+                for spec in due:
+                    answer = self.llm.ask(self._engine_prompts.get(spec) or _engine_prompt(spec))
+                    llm_ms += answer.timings.total_ms
+                    events.append(self._event(spec, answer, window, source))
+            timings = {"frontend": front_ms[j], "encoder": encoder_ms, "llm": llm_ms,
+                       "total": front_ms[j] + encoder_ms + llm_ms}
+            for e in events:
+                e.timing_ms = dict(timings)
+            self.windows_processed += 1
+            results[i] = WindowResult(events=events, gated=False, timings=timings, embedding=emb.mean(axis=0))
+        logger.debug("batch of %d windows in %.0f ms", len(items), (time.perf_counter() - t0) * 1e3)
+        return results
+
     def _event(self, spec: PromptSpec, answer, window: WindowInfo, source: str) -> Event:
         score, positive = answer.score, None
         text = answer.text.strip()

@@ -1,0 +1,317 @@
+"""`naturelm-edge infer` over an archive: a folder tree in, results streamed to --out-dir, a ledger for --resume,
+failed windows isolated, memory flat in the number of windows, several workers (processes and Ray) with outputs
+identical to one process. Tiny preset, real onnxruntime and llama.cpp, real SQLite, the CLI as a subprocess."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from edge.synth import birdsong
+
+PROMPTS = (
+    "prompts:\n"
+    "  - {id: bird, kind: yes_no, text: 'Is there a bird in the audio? Answer Yes or No.', threshold: 0.5}\n"
+    "  - {id: caption, kind: caption, text: Caption the audio., max_tokens: 4, every_n_windows: 3}\n"
+)
+
+
+def _write(path: Path, seconds: float, sr: int = 16000, seed: int = 0, subtype=None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), birdsong(seconds, sr, seed=seed), sr, subtype=subtype)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """card/siteA/2026-06-01/{a.wav,b.flac}, card/siteB/{c.wav,skip_me.wav,notes.txt}."""
+    root = tmp_path_factory.mktemp("card") / "card"
+    _write(root / "siteA" / "2026-06-01" / "a.wav", 32.0, seed=1)
+    _write(root / "siteA" / "2026-06-01" / "b.flac", 17.0, 22050, seed=2)
+    _write(root / "siteB" / "c.wav", 41.0, seed=3)
+    _write(root / "siteB" / "skip_me.wav", 12.0, seed=4)
+    (root / "siteB" / "notes.txt").write_text("field notes, not audio\n")
+    prompts = root.parent / "prompts.yaml"
+    prompts.write_text(PROMPTS)
+    return root
+
+
+def _infer(bundle, *args, check=True, env=None, **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "edge.cli", "infer", "--no-progress", "--provider", "cpu",
+                        "--bundle", str(bundle), "--hop", "5", *map(str, args)],
+                       capture_output=True, text=True, timeout=600, check=False, env=env, **kw)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _events(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+
+
+def _answers(events: list[dict]) -> dict:
+    """What a run answered, independent of timing and arrival order: (source, window, prompt) -> answer."""
+    out = {}
+    for e in events:
+        key = (e["source"], e["window"]["index"], e["prompt_id"])
+        assert key not in out, f"duplicate {key}"
+        out[key] = (e["event_id"], e["answer"], e["score"], e.get("positive"), e["window"]["offset_s"],
+                    e["window"]["duration_s"])
+    return out
+
+
+def _ledger(out: Path) -> dict:
+    with sqlite3.connect(out / "ledger.sqlite") as db:
+        return {Path(p).name: (s, w, wf, n) for p, s, w, wf, n in
+                db.execute("select path, status, windows, windows_failed, events from files")}
+
+
+def _csv(out: Path) -> list[dict]:
+    with open(out / "events.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_full_bundle, tree, tmp_path_factory):
+    """One uninterrupted single-process run of the tree: what every other run must equal."""
+    out = tmp_path_factory.mktemp("ref") / "out"
+    _infer(tiny_full_bundle, "--prompts", tree.parent / "prompts.yaml", "--out-dir", out, "--exclude", "*skip_*",
+           tree)
+    return out
+
+
+def test_directory_tree_with_filters_streams_every_output(reference, tree):
+    events = _events(reference)
+    sources = {Path(e["source"]).relative_to(tree).as_posix() for e in events}
+    assert sources == {"siteA/2026-06-01/a.wav", "siteA/2026-06-01/b.flac", "siteB/c.wav"}  # notes.txt, skip_me out
+    answers = _answers(events)
+    windows = {s: sorted({k[1] for k in answers if k[0].endswith(s)}) for s in ("a.wav", "b.flac", "c.wav")}
+    assert windows == {"a.wav": list(range(6)), "b.flac": list(range(3)), "c.wav": list(range(8))}
+    assert [e["seq"] for e in events] == list(range(len(events)))
+    rows = _csv(reference)
+    assert [(r["source"], int(r["window_index"]), r["prompt_id"]) for r in rows] == \
+        [(e["source"], e["window"]["index"], e["prompt_id"]) for e in events]
+    for rel in ("siteA/2026-06-01/a.wav", "siteA/2026-06-01/b.flac", "siteB/c.wav"):
+        table = reference / "raven" / f"{rel}.selections.txt"
+        assert table.read_text().startswith("Selection\tView\tChannel\t")
+    ledger = _ledger(reference)
+    assert ledger == {"a.wav": ("done", 6, 0, 8), "b.flac": ("done", 3, 0, 4), "c.wav": ("done", 8, 0, 11)}
+
+
+def test_include_takes_only_matches(tiny_full_bundle, tree, tmp_path):
+    out = tmp_path / "out"
+    _infer(tiny_full_bundle, "--prompt", "Is there a bird? Answer Yes or No.", "--out-dir", out, "--format", "jsonl",
+           "--include", "siteA/*", "--include", "*.flac", tree)
+    assert {Path(e["source"]).name for e in _events(out)} == {"a.wav", "b.flac"}
+
+
+def test_killed_mid_run_then_resume_loses_and_duplicates_nothing(tiny_full_bundle, tree, reference, tmp_path):
+    """SIGKILL the run while a file is half done (one file finished before it), then --resume: the outputs equal the
+    uninterrupted run's, record for record, and the finished file is not run again."""
+    out = tmp_path / "out"
+    args = ["--prompts", tree.parent / "prompts.yaml", "--out-dir", out, "--exclude", "*skip_*", tree]
+    proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "infer", "--no-progress", "--provider", "cpu",
+                             "--bundle", str(tiny_full_bundle), "--hop", "5", *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    killed_during = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        ledger = out / "ledger.sqlite"
+        if ledger.exists():
+            try:
+                state = _ledger(out)
+            except sqlite3.OperationalError:
+                state = {}
+            done = [n for n, s in state.items() if s[0] == "done"]
+            running = [n for n, s in state.items() if s[0] == "running"]
+            jsonl = out / "events.jsonl"
+            # mid-file: the second file has begun writing lines
+            if done and running and jsonl.exists() and any(
+                    running[0] in line for line in jsonl.read_text().splitlines()):
+                proc.send_signal(signal.SIGKILL)
+                killed_during = running[0]
+                break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert killed_during is not None, f"the run ended before it could be killed mid-file: {proc.stderr.read()}"
+    partial = _events(out) if (out / "events.jsonl").exists() else []
+    assert any(killed_during in e["source"] for e in partial)
+
+    r = _infer(tiny_full_bundle, *args, "--resume")
+    assert "already done" in r.stderr
+    resumed = _events(out)
+    assert _answers(resumed) == _answers(_events(reference))
+    seqs = [e["seq"] for e in resumed]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)  # a seq never goes backwards
+    assert sorted((r["source"], r["window_index"], r["prompt_id"], r["answer"]) for r in _csv(out)) == \
+        sorted((r["source"], r["window_index"], r["prompt_id"], r["answer"]) for r in _csv(reference))
+    for table in (reference / "raven").rglob("*.selections.txt"):
+        assert (out / "raven" / table.relative_to(reference / "raven")).read_text() == table.read_text()
+    assert _ledger(out) == _ledger(reference)
+
+    again = _infer(tiny_full_bundle, *args, "--resume")  # everything done: nothing runs, nothing is added
+    assert again.returncode == 0
+    assert _events(out) == resumed
+
+
+def test_changed_prompts_or_file_run_again(tiny_full_bundle, tree, reference, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    src = tmp_path / "card"
+    shutil.copytree(tree, src)
+    # the copied tree has other paths: a different identity, so everything runs; then a touched file alone reruns
+    args = ["--prompts", tree.parent / "prompts.yaml", "--out-dir", out, "--exclude", "*skip_*", src]
+    _infer(tiny_full_bundle, *args, "--resume")
+    before = _events(out)
+    os.utime(src / "siteB" / "c.wav", ns=(time.time_ns(), time.time_ns()))
+    r = _infer(tiny_full_bundle, *args, "--resume")
+    assert "2 of 3 recordings are already done" in r.stderr
+    after = _events(out)
+    assert {k for k in _answers(after)} == {k for k in _answers(before)}  # c.wav's old lines replaced, not doubled
+    changed = tmp_path / "other.yaml"
+    changed.write_text("prompts:\n  - {id: frog, kind: yes_no, text: 'Is there a frog? Answer Yes or No.'}\n")
+    _infer(tiny_full_bundle, "--prompts", changed, "--out-dir", out, "--exclude", "*skip_*", src, "--resume")
+    src_events = [e for e in _events(out) if e["source"].startswith(str(src))]
+    assert {e["prompt_id"] for e in src_events} == {"frog"}  # every file ran again under the new prompt list
+    assert len(src_events) == 6 + 3 + 8
+
+
+def test_a_failing_window_is_recorded_and_the_file_goes_on(tiny_full_bundle, tmp_path):
+    sr = 16000
+    x = birdsong(40.0, sr, seed=5).astype(np.float32)
+    x[15 * sr: 35 * sr] = np.nan  # windows at 15, 20 and 25 s hold no finite sample
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    sf.write(str(rec / "nan.wav"), x, sr, subtype="FLOAT")
+    out = tmp_path / "out"
+    r = _infer(tiny_full_bundle, "--prompt", "Is there a bird? Answer Yes or No.", "--out-dir", out, rec,
+               check=False)
+    assert r.returncode == 1
+    assert "3 windows failed" in r.stderr and "Traceback" not in r.stderr
+    assert [line for line in r.stderr.splitlines() if "window 3 at 15.0 s failed" in line]
+    assert sorted(e["window"]["index"] for e in _events(out)) == [0, 1, 2, 6]
+    with sqlite3.connect(out / "ledger.sqlite") as db:
+        assert [i for (i,) in db.execute("select window_index from window_errors order by 1")] == [3, 4, 5]
+        assert db.execute("select status, windows, windows_failed from files").fetchall() == [("done", 4, 3)]
+
+
+def test_memory_stays_flat_in_the_number_of_windows(tiny_full_bundle, tmp_path):
+    """Python-allocated memory (tracemalloc) of the window loop (read, window, model, JSONL, CSV, ledger) over a
+    5-window file and then a 30-window file, three prompts, the model opened beforehand: events are written, not
+    held. (A Raven table is the one output that holds anything: the merged selections of the file in progress, to
+    write them sorted when it ends.)"""
+    import argparse
+    import gc
+    import tracemalloc
+
+    from edge.infer import Recording, Writer
+    from edge.ledger import Ledger
+    from edge.prompts import load_prompts
+    from edge.workers import FileTask, InlineBackend, PipelineArgs
+
+    prompts = tmp_path / "p.yaml"
+    prompts.write_text("prompts:\n" + "".join(
+        f"  - {{id: q{i}, kind: yes_no, text: 'Is there a {a}? Answer Yes or No.'}}\n"
+        for i, a in enumerate(("bird", "frog", "bat"))))
+    specs = load_prompts(prompts)
+    backend = InlineBackend(PipelineArgs(bundle=str(tiny_full_bundle), prompts=tuple(specs), device_id="t"))
+    out = tmp_path / "out"
+    out.mkdir()
+    ledger = Ledger(out / "ledger.sqlite", "b", "h")
+    args = argparse.Namespace(out_dir=str(out), out=None, embeddings=None, plot=None)
+    writer = Writer(args, ["jsonl", "csv"], "h", ledger=ledger)
+    mem = {}
+    tracemalloc.start()
+    try:
+        for seconds in (50, 300):
+            f = _write(tmp_path / f"long{seconds}.wav", seconds, 8000, seed=6)
+            writer.add_recording(Recording(f, str(f), f.name))
+            gc.collect()  # ctypes casts (the logits view) make reference cycles: garbage, not kept memory
+            before = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
+            for msg in backend.run([FileTask(str(f), str(f), 10.0, 10.0)]):
+                writer.handle(msg)
+            gc.collect()
+            now, peak = tracemalloc.get_traced_memory()
+            mem[seconds] = {"kept": now - before, "peak": peak - before}
+    finally:
+        tracemalloc.stop()
+        writer.close()
+        backend.close()
+        ledger.close()
+    assert len(_events(out)) == 3 * (5 + 30)  # every window answered
+    # The first file warms caches (tokenised prompts...); the 30-window file after it keeps nothing: holding its 90
+    # events would keep > 110 KB. Its peak is one window's working set, no larger than the 5-window file's.
+    assert mem[300]["kept"] < 60_000, mem
+    assert mem[300]["peak"] < mem[50]["peak"] + 50_000, mem
+
+
+def test_parquet_partitions_by_source_and_date(tiny_full_bundle, tree, tmp_path):
+    ds = pytest.importorskip("pyarrow.dataset", reason="Parquet output needs the `archive` extra (pyarrow)")
+    out = tmp_path / "out"
+    _infer(tiny_full_bundle, "--prompts", tree.parent / "prompts.yaml", "--out-dir", out, "--exclude", "*skip_*",
+           "--format", "jsonl,parquet", tree)
+    table = ds.dataset(out / "parquet", partitioning="hive").to_table().to_pylist()
+    events = _events(out)
+    assert len(table) == len(events)
+    by_id = {e["event_id"]: e for e in events}
+    for row in table:
+        e = by_id[row["event_id"]]
+        assert row["source"] == Path(e["source"]).relative_to(tree).as_posix()
+        assert str(row["date"]) == e["window"]["start"][:10]
+        assert (row["window_index"], row["prompt_id"], row["answer"], row["score"]) == \
+            (e["window"]["index"], e["prompt_id"], str(e["answer"]), e["score"])
+
+
+def test_batched_run_gives_the_same_answers(tiny_full_bundle, tree, reference, tmp_path):
+    """--batch 4: the windows go through the encoder four at a time; the answers are those of --batch 1 (decisions
+    and generated text identical, yes/no scores within 1e-5: fp32 batched kernels may round differently)."""
+    out = tmp_path / "out"
+    r = _infer(tiny_full_bundle, "--prompts", tree.parent / "prompts.yaml", "--out-dir", out, "--exclude",
+               "*skip_*", "--batch", "4", tree)
+    assert "one by one" not in r.stderr  # the batches ran as batches
+    got, want = _answers(_events(out)), _answers(_events(reference))
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k][0:2] == want[k][0:2] and got[k][3:] == want[k][3:], k
+        if want[k][2] is not None:
+            assert got[k][2] == pytest.approx(want[k][2], abs=1e-5), k
+
+
+def test_two_worker_processes_give_the_same_outputs(tiny_full_bundle, tree, reference, tmp_path):
+    out = tmp_path / "out"
+    _infer(tiny_full_bundle, "--prompts", tree.parent / "prompts.yaml", "--out-dir", out, "--exclude", "*skip_*",
+           "--workers", "2", tree)
+    got, want = _answers(_events(out)), _answers(_events(reference))
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k][:2] == want[k][:2] and got[k][3:] == want[k][3:], k
+        if want[k][2] is not None:
+            assert got[k][2] == pytest.approx(want[k][2], abs=1e-5), k
+    for table in (reference / "raven").rglob("*.selections.txt"):
+        assert (out / "raven" / table.relative_to(reference / "raven")).read_text() == table.read_text()
+
+
+def test_ray_two_local_workers_give_the_same_outputs(tiny_full_bundle, tree, reference, tmp_path):
+    pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'naturelm-edge[ray]'); not installed")
+    out = tmp_path / "out"
+    _infer(tiny_full_bundle, "--prompts", tree.parent / "prompts.yaml", "--out-dir", out, "--exclude", "*skip_*",
+           "--workers", "2", "--ray", tree)
+    got, want = _answers(_events(out)), _answers(_events(reference))
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k][:2] == want[k][:2] and got[k][3:] == want[k][3:], k
+    assert _ledger(out) == _ledger(reference)
