@@ -1,8 +1,8 @@
 """`naturelm-edge infer`: the pipeline over recordings of any length, offline: one file, or a season of SD cards.
 
 Each file is read in blocks at its own rate and cut into windows (window/hop seconds; the last partial window padded
-and processed, unless it adds under 0.5 s of audio: edge/windowing.py). Results are written as each window completes (edge/sinks.py), never collected: memory does not grow
-with the archive. With `--out-dir`, a ledger (edge/ledger.py) records every finished file, and `--resume` skips them
+and processed, unless it adds under 0.5 s of audio: edge/windowing.py). Results are written as each window completes
+(edge/sinks.py), never collected: memory does not grow with the archive. With `--out-dir`, a ledger (edge/ledger.py) records every finished file, and `--resume` skips them
 and cleans up after a file that was cut short. A window that fails is recorded and its file goes on; an unreadable
 file is reported on one line and the others are processed; the exit status says whether anything failed.
 
