@@ -25,9 +25,10 @@ behind the database. A corrupt database that is moved aside cannot take the coun
 the mark, and consumers that deduplicate on seq never take a new event for an old one. A separate file rather than a
 second table or a second SQLite file: it is the state a worn card must not lose together with the outbox, so it
 shares no file, no page cache of SQLite and no recovery logic with it; a whole-file atomic rename is the simplest
-write that is either the old or the new value after a power cut. It costs two fsyncs per window. The mark may run
-ahead of the database (a crash between the mark and the COMMIT): those seqs were never stored nor published, so the
-database's own counter is used while the database is healthy, and the mark only when it was lost.
+write that is either the old or the new value after a power cut. It costs two fsyncs per window. At open the outbox
+counts on from the larger of the two, so a database that was moved aside, deleted by hand or restored from an old
+copy never hands out a seq twice. The mark may run ahead of the database by one window's events (a power cut between
+the mark and the COMMIT): those seqs were never stored nor published, and are skipped: a gap, never a repeat.
 """
 
 from __future__ import annotations
@@ -202,6 +203,11 @@ class Outbox:
             if self.mark.value is None or self.mark.value < db_next:
                 # First start with a mark (or the mark was lost): it must never be behind the database.
                 self.mark.write(db_next)
+            elif self.mark.value > db_next:
+                if self.depth == 0 and db_next == 0:
+                    logger.warning("outbox %s is new but its seq mark %s says %d: seq continues there (the old file "
+                                   "was removed or replaced)", self.path, self.mark.path, self.mark.value)
+                self._db.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (self.mark.value,))
         except (sqlite3.Error, OSError) as e:
             self._db.close()
             raise _classify(e, self.path) from None

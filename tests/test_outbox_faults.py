@@ -168,3 +168,23 @@ def test_not_a_database_is_set_aside_and_keeps_counting(tmp_path):
     box = _new(path)
     assert box.add(make_events(1)) == [5]
     assert len(list(tmp_path.glob("o.sqlite3.corrupt-*"))) == 1
+
+
+def test_a_deleted_or_old_outbox_file_never_reuses_a_seq(tmp_path, caplog):
+    path = tmp_path / "o.sqlite3"
+    box = _new(path)
+    box.add(make_events(4))
+    box.close()
+    old_copy = path.read_bytes()
+    box = _new(path)
+    box.add(make_events(3))  # seq 4..6
+    box.close()
+    path.write_bytes(old_copy)  # restored from a backup that knows only seq 0..3
+    box = _new(path)
+    assert box.add(make_events(1)) == [7]
+    box.close()
+    for suffix in ("", "-wal", "-shm"):  # removed by hand
+        (tmp_path / f"o.sqlite3{suffix}").unlink(missing_ok=True)
+    box = _new(path)
+    assert box.add(make_events(1)) == [8]
+    assert any("seq continues there" in r.getMessage() for r in caplog.records)
