@@ -188,3 +188,53 @@ def test_a_deleted_or_old_outbox_file_never_reuses_a_seq(tmp_path, caplog):
     box = _new(path)
     assert box.add(make_events(1)) == [8]
     assert any("seq continues there" in r.getMessage() for r in caplog.records)
+
+
+def test_permission_denied_is_named_as_such_for_a_non_root_daemon(tmp_path):
+    """The daemon runs as its own user (systemd's User=naturelm): a state directory it cannot write is one line
+    saying so, not a corrupt file. Here as `nobody`, with the system's Python (the test venv is under /root)."""
+    import json
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if os.geteuid() != 0 or python is None:
+        pytest.skip("needs root (to switch to nobody) and a system python3")
+    root = Path(__file__).resolve().parents[1]
+    state = Path(tempfile.mkdtemp(prefix="outbox-perm-", dir="/tmp"))
+    try:
+        os.chmod(state, 0o755)  # nobody may look, not write
+        box = _new(state / "o.sqlite3")
+        box.add(make_events(2))
+        box.close()
+        os.chmod(state / "o.sqlite3", 0o644)
+        code = textwrap.dedent(f"""
+            import json, sys
+            sys.path.insert(0, {str(root)!r})
+            from edge.outbox import Outbox, OutboxError
+            try:
+                Outbox({str(state / 'o.sqlite3')!r}, 10**7, 1000, open_timeout_s=0.5)
+                print(json.dumps({{"opened": True}}))
+            except OutboxError as e:
+                print(json.dumps({{"kind": e.kind, "exit_code": e.exit_code, "message": str(e)}}))
+        """)
+
+        def as_nobody():
+            os.setgid(65534)
+            os.setuid(65534)
+
+        r = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60, preexec_fn=as_nobody,
+                           cwd="/", env={"PATH": "/usr/bin:/bin"})
+        if r.returncode != 0 and "ModuleNotFoundError" in r.stderr:
+            pytest.skip(f"the system python3 cannot import the outbox: {r.stderr.strip().splitlines()[-1]}")
+        assert r.returncode == 0, r.stderr
+        got = json.loads(r.stdout)
+        assert got.get("kind") == "permission" and got["exit_code"] == 77, got
+        assert str(state / "o.sqlite3") in got["message"] and "permission denied" in got["message"], got
+        assert "uid 65534" in got["message"], got
+        assert sorted(p.name for p in state.iterdir()) == ["o.sqlite3", "o.sqlite3.seq"]
+        assert _seqs(_new(state / "o.sqlite3")) == [0, 1]
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
