@@ -80,7 +80,8 @@ def reference_answers(tiny_model) -> dict:
         for rate in RATES:
             x = _clip(seed, rate)
             emb = ref.audio_embeddings(x, rate)
-            tokens = ref.llm.generate(emb, OPEN_Q, max_new_tokens=MAX_TOKENS)
+            # upstream's decoding (transformers' beam search, 2 beams): the device's default for open prompts
+            tokens = ref.llm.generate_beam(emb, OPEN_Q, num_beams=2, max_new_tokens=MAX_TOKENS)
             out[(seed, rate)] = {
                 "p_yes": ref.llm.yes_no_score(emb, YES_NO),
                 "labels": _reference_label_shares(ref.llm, emb),
