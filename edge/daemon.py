@@ -17,8 +17,10 @@ window within the watchdog interval (or is idle with nothing pending), so a hung
 restarts the service. A timer thread that pinged regardless would only prove that Python still runs. The watchdog
 guards against hangs, not missing hardware: a microphone that is absent at boot or stops delivering is retried by
 the source itself (a restart cannot plug it in; restarting every WatchdogSec only re-loaded the model), while the
-main loop keeps pinging and the status says `degraded` (`no_audio`, "no audio since T") until audio flows again. SIGTERM: STOPPING=1, finish the window in hand, give the
-broker a few seconds to take what the outbox holds, publish `stopped`. SIGHUP: re-read the config and apply the
+main loop keeps pinging and the status says `degraded` (`no_audio`, "no audio since T") until audio flows again.
+A window that fails (the model raised, the outbox could not be written) is counted and logged once per cause; the
+worker goes on (`windows_failing` after WINDOWS_FAILING_AFTER in a row). SIGTERM: STOPPING=1, finish the window in
+hand, give the broker a few seconds to take what the outbox holds, publish `stopped`. SIGHUP: re-read the config and apply the
 prompt list, the gate threshold, the scheduling thresholds and the privacy settings without reloading the bundle.
 
 Privacy: when `privacy.prompt_id` names a yes_no prompt, a window it answers Yes for saves no clip and no embedding
@@ -321,24 +323,39 @@ class Daemon:
     # --- inference worker --------------------------------------------------------------------------------------------
 
     def _inference(self) -> None:
+        last_fault = None
         while not self._stop.is_set():
             self._worker_polled = time.monotonic()
-            w = self.scheduler.get(timeout=0.2)
-            if w is None:
-                continue
-            if self._stop.is_set():  # taken just as the stop came: left, like the other pending windows
-                break
-            self.counters.started()
-            t0 = time.monotonic()
             try:
-                self._window(w)
-            except Exception as e:  # noqa: BLE001 - this thread is the analysis: no window may end it
-                self._window_failed(w, e)
-            else:
-                self._window_succeeded(w)
-            finally:
-                self.prompt_scheduler.window_done(time.monotonic() - t0)
-                self.live.advance(w.info)  # every window moves the detections' clock, whatever became of it
+                if not self._next_window():
+                    break
+            except Exception as e:  # the last line of defence: this thread is the analysis
+                # Not a window's failure (those are handled in _next_window) but the bookkeeping around one;
+                # a traceback once per cause.
+                if _one_line(e) != last_fault:
+                    logger.exception("inference worker: bookkeeping around a window failed; carrying on")
+                    last_fault = _one_line(e)
+                self._stop.wait(0.2)
+
+    def _next_window(self) -> bool:
+        """Take and run the next pending window, if any; False when the daemon is stopping."""
+        w = self.scheduler.get(timeout=0.2)
+        if w is None:
+            return True
+        if self._stop.is_set():  # taken just as the stop came: left, like the other pending windows
+            return False
+        self.counters.started()
+        t0 = time.monotonic()
+        try:
+            self._window(w)
+        except Exception as e:  # noqa: BLE001 - no window may end the analysis
+            self._window_failed(w, e)
+        else:
+            self._window_succeeded(w)
+        finally:
+            self.prompt_scheduler.window_done(time.monotonic() - t0)
+            self.live.advance(w.info)  # every window moves the detections' clock, whatever became of it
+        return True
 
     def _window_failed(self, w, e: Exception) -> None:
         """Counted, and logged once per cause (not once per window: a full disk fails every window the same way)."""

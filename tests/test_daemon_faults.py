@@ -231,3 +231,70 @@ def test_bundle_hashes_are_verified_once_per_file_identity(tmp_path, monkeypatch
     hashed.clear()
     load_bundle(b, verify="full")
     assert sorted(hashed) == ["a.bin", "b.bin"]
+
+
+def test_a_window_that_raises_is_counted_logged_once_and_the_worker_goes_on(tmp_path, monkeypatch, caplog):
+    """In process, with a stand-in pipeline that raises on demand (a bug, not an OSError): one traceback for the
+    cause, a count per window, `windows_failing` after three in a row, cleared by the next success."""
+    import logging
+    import threading
+
+    import numpy as np
+    import soundfile as sf
+    from fake_pipeline import FakePipeline
+
+    import edge.daemon
+    from edge.config import load_config
+
+    class Flaky(FakePipeline):
+        fail = False
+
+        def process(self, samples, sample_rate, window, source):
+            if self.fail:
+                raise RuntimeError("index 7 is out of bounds for axis 0 with size 4")
+            return super().process(samples, sample_rate, window, source)
+
+    sf.write(str(tmp_path / "a.wav"), 0.2 * np.ones(8000 * 3, dtype=np.float32), 8000)
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "daemon.yaml").write_text(yaml.safe_dump({
+        "device_id": "rec-flaky", "state_dir": str(tmp_path / "state"), "bundle": {"path": "bundle"},
+        "source": {"type": "file", "file": {"path": "a.wav", "realtime": True, "loop": True}},
+        "windowing": {"window_s": 0.5, "hop_s": 0.25},
+        "prompts": [{"id": "p", "kind": "yes_no", "text": "Yes or no?"}],
+        "mqtt": {"host": "127.0.0.1", "port": 9, "reconnect_min_delay_s": 5},
+    }))
+    pipeline = Flaky([], "rec-flaky")
+    monkeypatch.setattr(edge.daemon, "_open_pipeline", lambda cfg: (pipeline.set_prompts(cfg.prompts), pipeline)[1])
+    daemon = edge.daemon.Daemon(load_config(tmp_path / "daemon.yaml"))
+    caplog.set_level(logging.INFO)
+    t = threading.Thread(target=daemon.run, kwargs={"install_signals": False})
+    t.start()
+
+    def until(pred, what):
+        deadline = time.monotonic() + 20
+        while not pred():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.02)
+
+    try:
+        until(lambda: daemon.counters.processed >= 2, "windows before the fault")
+        pipeline.fail = True
+        until(lambda: daemon.counters.failed >= 5, "failing windows")
+        assert daemon._worker.is_alive()
+        assert "windows_failing" in daemon.degraded.reasons()
+        assert daemon.degraded.reasons()["windows_failing"].endswith(
+            "RuntimeError: index 7 is out of bounds for axis 0 with size 4")
+        h = daemon.health()
+        assert h["windows_failed"] >= 5 and h["windows_failed_in_a_row"] >= 5
+        assert h["last_window_error"]["error"] == "RuntimeError: index 7 is out of bounds for axis 0 with size 4"
+        pipeline.fail = False
+        until(lambda: daemon.counters.failed_in_a_row == 0, "a window succeeding again")
+        until(lambda: "windows_failing" not in daemon.degraded.reasons(), "windows_failing cleared")
+    finally:
+        pipeline.fail = False
+        daemon.stop()
+        t.join(30)
+    assert not t.is_alive()
+    failed = [r for r in caplog.records if "failed: RuntimeError" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].exc_info is not None  # once, with the traceback a bug deserves
+    assert any("windows succeed again after" in r.getMessage() for r in caplog.records)
