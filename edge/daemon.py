@@ -31,6 +31,7 @@ the failure mode is a missing clip, never a saved conversation.
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import threading
@@ -43,7 +44,7 @@ from edge import gpu_check
 from edge.config import Config, load_config, read_mqtt_password, restart_needed
 from edge.degraded import DegradedState
 from edge.drainer import OutboxDrainer
-from edge.errors import ConfigError, NatureLMEdgeError
+from edge.errors import EXIT_NOPERM, EXIT_TEMPFAIL, ConfigError, NatureLMEdgeError
 from edge.events import utc_iso
 from edge.health import WindowCounters, build_health, health_line
 from edge.live import LiveOutputs
@@ -77,6 +78,15 @@ def _one_line(e: BaseException) -> str:
     if isinstance(e, NatureLMEdgeError):
         return text or type(e).__name__
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _fs_error(message: str, e: OSError) -> ConfigError:
+    """A directory the daemon cannot use, with the exit status of its cause (systemd/README.md): a full disk (75) or
+    a read-only or foreign-owned one (77) is worth a restart later, a path that cannot be a directory (2) is not."""
+    err = ConfigError(message)
+    err.exit_code = {errno.ENOSPC: EXIT_TEMPFAIL, errno.EDQUOT: EXIT_TEMPFAIL, errno.EROFS: EXIT_NOPERM,
+                     errno.EACCES: EXIT_NOPERM, errno.EPERM: EXIT_NOPERM}.get(e.errno, err.exit_code)
+    return err
 
 
 def _open_pipeline_default(cfg: Config):
@@ -136,7 +146,7 @@ class Daemon:
         try:
             cfg.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise ConfigError(f"{cfg.path}: state_dir: cannot create {cfg.state_dir} ({e.strerror})") from None
+            raise _fs_error(f"{cfg.path}: state_dir: cannot create {cfg.state_dir} ({e.strerror})", e) from None
         if cfg.source.type == "file":
             # Not audio is not a microphone that may come back: one line naming the file, no retries.
             try:
@@ -157,7 +167,7 @@ class Daemon:
                 try:
                     self.stores[name] = store_cls(store_cfg)
                 except OSError as e:
-                    raise ConfigError(f"{cfg.path}: {name}.dir: cannot use {store_cfg.dir} ({e.strerror})") from None
+                    raise _fs_error(f"{cfg.path}: {name}.dir: cannot use {store_cfg.dir} ({e.strerror})", e) from None
         self._start_endpoints()
 
     def _start_endpoints(self) -> None:

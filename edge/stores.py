@@ -115,9 +115,16 @@ class EmbeddingStore(RetainedDir):
     INDEX = "index.jsonl"
 
     def __init__(self, cfg: StoreConfig):
+        self.compact_failed = 0
+        self._compact_fault: str | None = None
         super().__init__(cfg, ".npy")
         self._stale = 0
-        self._compact()
+        try:
+            self._compact()
+        except OSError as e:  # a full card at start: record anyway, tidy later
+            self.compact_failed += 1
+            self._compact_fault = str(e)
+            logger.warning("cannot compact %s: %s; stale lines stay until it can", self.dir / self.INDEX, e)
 
     def save(self, embedding: np.ndarray, info: WindowInfo, source: str) -> Path | None:
         path = self.dir / f"{_stem(info)}.npy"
@@ -139,7 +146,18 @@ class EmbeddingStore(RetainedDir):
         if removed and hasattr(self, "_stale"):
             self._stale += len(removed)
             if self._stale > max(100, len(self._files)):
-                self._compact()
+                try:
+                    self._compact()
+                except OSError as e:
+                    # Stale lines are untidy, not wrong: the embedding is saved and the window goes on; the next
+                    # deletion tries again (a full card is the usual cause, and retention is what frees it).
+                    self.compact_failed += 1
+                    if str(e) != self._compact_fault:
+                        logger.warning("cannot compact %s: %s; stale lines stay until it can", self.dir / self.INDEX,
+                                       e)
+                        self._compact_fault = str(e)
+                else:
+                    self._compact_fault = None
         return removed
 
     def _compact(self) -> None:

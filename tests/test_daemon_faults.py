@@ -298,3 +298,42 @@ def test_a_window_that_raises_is_counted_logged_once_and_the_worker_goes_on(tmp_
     failed = [r for r in caplog.records if "failed: RuntimeError" in r.getMessage()]
     assert len(failed) == 1 and failed[0].exc_info is not None  # once, with the traceback a bug deserves
     assert any("windows succeed again after" in r.getMessage() for r in caplog.records)
+
+
+def test_embedding_index_compaction_that_fails_does_not_fail_the_window(tmp_path, caplog):
+    """The issue's example: an OSError while compacting the embeddings index used to end the inference thread. Here
+    the compaction's temporary file cannot be written (a directory is in its way, a real OSError): the embeddings are
+    still saved, one warning, and the index is compacted once it can be."""
+    from datetime import datetime, timezone
+
+    import numpy as np
+
+    from edge.config import StoreConfig
+    from edge.events import WindowInfo
+    from edge.stores import EmbeddingStore
+
+    d = tmp_path / "emb"
+    store = EmbeddingStore(StoreConfig(enabled=True, dir=d, max_bytes=2000))  # room for a few files only
+    (d / "index.jsonl.tmp").mkdir()
+    start = datetime(2026, 5, 1, tzinfo=timezone.utc)
+    for i in range(130):
+        info = WindowInfo(index=i, offset_s=i * 5.0, duration_s=10.0, start_utc=start)
+        assert store.save(np.full((4, 8), i, dtype=np.float32), info, "mic") is not None
+    assert store.compact_failed > 0 and store.saved == 130
+    assert len([r for r in caplog.records if "cannot compact" in r.getMessage()]) == 1
+    (d / "index.jsonl.tmp").rmdir()
+    for i in range(130, 135):
+        store.save(np.zeros((4, 8), dtype=np.float32),
+                   WindowInfo(index=i, offset_s=i * 5.0, duration_s=10.0, start_utc=start), "mic")
+    lines = (d / "index.jsonl").read_text().splitlines()
+    kept = len(list(d.glob("*.npy")))
+    assert kept <= len(lines) <= kept + 5  # compacted at the first deletion it could (130 lines before)
+
+
+def test_a_state_directory_on_a_read_only_file_system_is_exit_77(tmp_path, tmpfs, daemons):
+    fs = tmpfs("ro")
+    tmpfs.remount(fs, "ro")
+    d = daemons(_no_model_config(tmp_path, fs / "state"))
+    assert d.wait(60) == 77, d.log
+    assert _last_line(d) == (f"naturelm-edge: error: {tmp_path / 'daemon.yaml'}: state_dir: cannot create "
+                             f"{fs / 'state'} (Read-only file system)")
