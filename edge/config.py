@@ -133,6 +133,7 @@ class WindowingConfig:
     hop_s: float = 5.0
     gate_dbfs: float | None = None  # windows quieter than this (RMS dBFS) skip the model; None: no gate
     max_pending: int = 4
+    batch_max: int = 1  # behind real time, up to this many waiting windows go through the model at once
 
 
 @dataclass(frozen=True)
@@ -631,7 +632,8 @@ def _windowing(s: _Section | None, origin: str, base_dir: Path) -> WindowingConf
     if s.ok("hop_s", "window_s") and hop > window:
         s.fail("hop_s", f"must be <= window_s ({window:g}); a longer hop leaves audio unheard, got {hop:g}")
     cfg = WindowingConfig(window_s=window, hop_s=hop, gate_dbfs=s.number("gate_dbfs", -200.0, 0.0, None),
-                          max_pending=s.integer("max_pending", 1, 1000, 4))
+                          max_pending=s.integer("max_pending", 1, 1000, 4),
+                          batch_max=s.integer("batch_max", 1, 64, 1))
     s.done()
     return cfg
 

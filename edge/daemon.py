@@ -133,6 +133,7 @@ class Daemon:
         self._failing_reason: str | None = None
         self._no_audio_since: float | None = None  # the stall that `no_audio` reports
         self._worker_polled = time.monotonic()  # the inference worker last asked for a window
+        self._batched = 0  # batches run from a backlog (windowing.batch_max)
         self._next_wd = self._next_health = 0.0  # monotonic times of the next watchdog ping and health report
         self.remote: RemoteControl | None = None
         self.endpoints: list = []  # clip server, metrics: whatever listens, to stop at the end
@@ -354,18 +355,45 @@ class Daemon:
             return True
         if self._stop.is_set():  # taken just as the stop came: left, like the other pending windows
             return False
-        self.counters.started()
-        t0 = time.monotonic()
-        try:
-            self._window(w)
-        except Exception as e:  # noqa: BLE001 - no window may end the analysis
-            self._window_failed(w, e)
-        else:
-            self._window_succeeded(w)
-        finally:
-            self.prompt_scheduler.window_done(time.monotonic() - t0)
-            self.live.advance(w.info)  # every window moves the detections' clock, whatever became of it
+        batch, ahead, t0 = self._backlog(w)
+        for w in batch:
+            self.counters.started()
+            try:
+                self._window(w, ahead.get(id(w)))
+            except Exception as e:  # noqa: BLE001 - no window may end the analysis
+                self._window_failed(w, e)
+            else:
+                self._window_succeeded(w)
+            finally:
+                self.prompt_scheduler.window_done((time.monotonic() - t0) / len(batch))
+                t0 = time.monotonic()
+                self.live.advance(w.info)  # every window moves the detections' clock, whatever became of it
         return True
+
+    def _backlog(self, w) -> tuple[list, dict, float]:
+        """Behind real time (windows waiting) with windowing.batch_max > 1: take up to that many waiting windows and
+        run them through the batched pipeline in one go. Returns the windows, their results by id (each window whose
+        batch failed, or whose prompts the scheduler trims, runs again alone in _window) and the start time."""
+        t0 = time.monotonic()
+        batch = [w]
+        while len(batch) < self.cfg.windowing.batch_max:
+            more = self.scheduler.get(timeout=0)
+            if more is None:
+                break
+            batch.append(more)
+        if len(batch) == 1:
+            return batch, {}, t0
+        (logger.debug if self._batched else logger.info)(
+            "behind real time: %d waiting windows in one batch (windowing.batch_max %d)", len(batch),
+            self.cfg.windowing.batch_max)
+        self._batched += 1
+        try:
+            results = self.pipeline.process_batch([(x.samples, x.sample_rate, x.info) for x in batch],
+                                                  self.source.name)
+        except Exception as e:  # noqa: BLE001 - each window then runs, and fails or not, on its own
+            logger.debug("batch of %d windows failed (%s): one at a time", len(batch), _one_line(e))
+            return batch, {}, t0
+        return batch, {id(x): r for x, r in zip(batch, results)}, t0
 
     def _window_failed(self, w, e: Exception) -> None:
         """Counted, and logged once per cause (not once per window: a full disk fails every window the same way)."""
@@ -416,8 +444,9 @@ class Daemon:
                         len(self._held))
         self._held = []
 
-    def _window(self, w) -> None:
-        """One window, start to end. Raises on any failure (the caller counts and logs it)."""
+    def _window(self, w, result=None) -> None:
+        """One window, start to end (`result`: the pipeline's, already run in a batch with every prompt). Raises on
+        any failure (the caller counts and logs it)."""
         cfg = self.cfg
         plan = self.prompt_scheduler.plan(cfg.prompts, w.info, pending=self.scheduler.pending(),
                                           paced=self.source.paced)
@@ -428,7 +457,8 @@ class Daemon:
             self.counters.finished(ok=True, idle=True)
             return
         if plan.full:
-            result = self.pipeline.process(w.samples, w.sample_rate, w.info, self.source.name)
+            if result is None:
+                result = self.pipeline.process(w.samples, w.sample_rate, w.info, self.source.name)
         else:
             result = self.pipeline.process(w.samples, w.sample_rate, w.info, self.source.name,
                                            prompts=plan.prompts)

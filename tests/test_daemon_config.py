@@ -124,6 +124,7 @@ def test_state_dir_from_systemd(tmp_path, base):
     (lambda d: d["source"].update(mic={"device": True}), "source.mic.device", "name"),
     (lambda d: d.update(windowing={"window_s": 5, "hop_s": 10}), "windowing.hop_s", "<= window_s"),
     (lambda d: d.update(windowing={"window_s": -1}), "windowing.window_s", "> 0"),
+    (lambda d: d.update(windowing={"batch_max": 0}), "windowing.batch_max", "integer 1..64"),
     (lambda d: d.update(prompts=[{"id": "x", "kind": "guess", "text": "?"}]), "prompts[0].kind", "yes_no"),
     (lambda d: d.update(prompts="missing.yaml"), "prompts", "not found"),
     (lambda d: d.update(prompts=3), "prompts", "path to a prompts file or a list"),

@@ -353,3 +353,32 @@ def test_bad_config_stops_before_anything_starts(tmp_path, daemons):
     assert d.log.strip().splitlines()[-2:] == [  # every problem, one line each
         f"naturelm-edge: error: {cfg}: prompts: must be a non-empty list of prompts",
         f"naturelm-edge: error: {cfg}: mqtt.port: must be an integer 1..65535, got 'abc'"]
+
+
+def test_a_backlog_goes_through_the_model_in_batches_with_the_same_answers(daemon_bundle, mqtt_broker, daemons,
+                                                                            tmp_path):
+    """A file read faster than the model (realtime: false) keeps windows waiting; with windowing.batch_max 4 the
+    daemon takes them four at a time through the batched pipeline. Every window is answered once, as with
+    batch_max 1: the same answers, scores within 1e-5 (the batched fp32 encoder may round differently)."""
+    wav = _wav(tmp_path / "a.wav", 8.0)
+    answers = {}
+    for batch_max in (1, 4):
+        run = tmp_path / f"b{batch_max}"
+        run.mkdir()
+        cfg = _config(run, daemon_bundle, mqtt_broker.port, {"type": "file", "file": {"path": str(wav),
+                                                                                     "realtime": False}},
+                      windowing={"max_pending": 8, "batch_max": batch_max}, device_id=f"rec-b{batch_max}")
+        sub = Subscriber(mqtt_broker.port, [f"naturelm/rec-b{batch_max}/events"])
+        d = daemons(cfg)
+        assert d.wait(120) == 0, d.log
+        # 8 s, 2 s windows every 1 s: 7 windows, 3 prompts each
+        sub.wait_for(lambda s: len(_seqs(s)) == 21, timeout=20, what="all 21 events")
+        assert _seqs(sub) == list(range(21))
+        answers[batch_max] = {(e["window"]["index"], e["prompt_id"]): (e["answer"], e["score"]) for e in sub.events()}
+        assert ("waiting windows in one batch" in d.log) == (batch_max > 1), d.log
+        assert "Traceback" not in d.log
+        sub.close()
+    assert answers[4].keys() == answers[1].keys() and len(answers[1]) == 21
+    for k, (answer, score) in answers[1].items():
+        assert answers[4][k][0] == answer, k
+        assert answers[4][k][1] == pytest.approx(score, abs=1e-5), k
