@@ -41,7 +41,9 @@ def test_retained_status_follows_reasons(mqtt_broker):
                      what="the reason")
         state.clear("no_audio")
         sub.wait_for(lambda s: s.on("/status")[-1:] == ["online"], what="online again")
-        assert json.loads(sub.on("/degraded")[-1]) == {"status": "online", "reasons": {}}
+        # The reasons topic is published just after the status: wait for it rather than race it.
+        sub.wait_for(lambda s: json.loads(s.on("/degraded")[-1]) == {"status": "online", "reasons": {}},
+                     what="the reasons cleared")
     finally:
         link.stop()
     # A late subscriber (a dashboard started later) gets the retained state.
