@@ -117,6 +117,10 @@ def test_fallback_reason_rules():
     # What the config asks for is not a fallback: provider cpu, n_gpu_layers 0.
     asked = BundleConfig(path=Path("."), provider="cpu", n_gpu_layers=0, expect_gpu=True)
     assert fallback_reason(asked, {"encoder_provider": "cpu", "llm_offload": "0"}, refused) is None
+    # int8 is the CPU's graph: auto runs it on the CPU by design, which is no fallback (the LLM still counts).
+    cpu_int8 = BundleConfig(path=Path("."), encoder_precision="int8")
+    assert fallback_reason(cpu_int8, {**on_gpu, "encoder_provider": "cpu"}, gpu) is None
+    assert fallback_reason(cpu_int8, {"encoder_provider": "cpu", "llm_gpu_layers": "0/17"}, gpu).startswith("the LLM")
 
 
 def test_probe_reports_a_node_that_cannot_be_opened(tmp_path):
