@@ -52,8 +52,14 @@ def cmd_build_engine(args) -> int:
             f"{', '.join(available)}); install onnxruntime-gpu with TensorRT (on Jetson, NVIDIA's JetPack wheel). "
             "No engine was built"
         )
-    encoder = AudioEncoder(bundle, precision=precision, provider="tensorrt", state_dir=state_dir,
-                           max_batch=args.max_batch)
+    try:
+        encoder = AudioEncoder(bundle, precision=precision, provider="tensorrt", state_dir=state_dir,
+                               max_batch=args.max_batch)
+    except ProviderError as e:
+        # Inside the unit's sandbox the usual cause is a device node it does not allow: say what this process sees.
+        from edge.gpu_check import probe
+
+        raise ProviderError(f"{e}; from this process: {probe().summary()}") from None
     seconds = (encoder.open_ms + encoder.warmup_ms) / 1000
     print(f"TensorRT engine for {encoder.file.name} ready in {encoder.engine_cache_dir} "
           f"({seconds:.1f} s; a cached engine loads in seconds)")
