@@ -96,7 +96,8 @@ def _open_pipeline_default(cfg: Config):
     return open_pipeline(b.path, list(cfg.prompts), device_id=cfg.device_id, provider=b.provider,
                          precision=b.encoder_precision, quantization=b.quantization, n_gpu_layers=b.n_gpu_layers,
                          state_dir=cfg.state_dir, verify=b.verify, gate_dbfs=cfg.windowing.gate_dbfs,
-                         threads=b.encoder_threads, llm_threads=b.llm_threads)
+                         threads=b.encoder_threads, llm_threads=b.llm_threads,
+                         max_batch=cfg.windowing.batch_max)
 
 
 #: Test hook: tests replace this with a factory (cfg) -> pipeline when no real bundle is at hand.

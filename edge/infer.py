@@ -469,8 +469,8 @@ def register(sub) -> None:
                         + " ".join(AUDIO_PATTERNS) + ")")
     p.add_argument("--exclude", action="append", metavar="GLOB", help="in folders, leave out matches (repeatable)")
     p.add_argument("--batch", type=int, default=1, metavar="B",
-                   help="windows per model call: B windows through the audio encoder at once (answers identical "
-                        "to B=1)")
+                   help="windows per model call: B windows through the audio encoder at once and through the LLM "
+                        "together (its KV cache holds B windows); the same decisions and tokens as B=1")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="N worker processes on this machine (or N Ray actors with --ray), each with its own model "
                         "and cores//N threads; outputs identical to one process")

@@ -114,7 +114,8 @@ class Pipeline:
     def process_batch(self, items: list[tuple[np.ndarray, int, WindowInfo]], source: str,
                       prompts: list[PromptSpec] | None = None) -> list[WindowResult]:
         """`process` for several windows of one source at once: the front end per window, then every passing
-        window's features through the audio encoder in one call (its graph has a dynamic batch axis), then the LLM.
+        window's features through the audio encoder in one call (its graph has a dynamic batch axis), then the LLM:
+        batched too (LlmEngine.answer_windows) when the engine was opened with max_batch > 1, else window by window.
         The answers are those of `process` window by window (tests/test_batch.py compares them)."""
         t0 = time.perf_counter()
         results: list[WindowResult | None] = [None] * len(items)
@@ -132,14 +133,24 @@ class Pipeline:
         t1 = time.perf_counter()
         embeddings = self.encoder.encode_batch(np.concatenate(feats))  # each is (1, frames, mel_bins)
         encoder_ms = (time.perf_counter() - t1) * 1e3 / len(todo)  # the batch's time, shared evenly
+        dues = [[p for p in (self.prompts if prompts is None else prompts) if p.due(items[i][2].index)] for i in todo]
+        batched = None
+        if self.llm_batched:
+            # The LLM side in one llama.cpp context too: the audio prefixes prefilled together, each prompt asked of
+            # every window that has it at once, the answers' tokens decoded for all of them step by step.
+            engine = [[self._engine_prompts.get(spec) or _engine_prompt(spec) for spec in due] for due in dues]
+            batched = self.llm.answer_windows([embeddings[j] for j in range(len(todo))], engine)
         for j, i in enumerate(todo):
             samples, rate, window = items[i]
             emb = embeddings[j]
-            due = [p for p in (self.prompts if prompts is None else prompts) if p.due(window.index)]
             events, llm_ms = [], 0.0
-            if due:
+            if batched is not None:
+                wa = batched[j]
+                llm_ms = wa.total_ms
+                events = [self._event(spec, answer, window, source) for spec, answer in zip(dues[j], wa.answers)]
+            elif dues[j]:
                 llm_ms += self.llm.set_audio(emb)
-                for spec in due:
+                for spec in dues[j]:
                     answer = self.llm.ask(self._engine_prompts.get(spec) or _engine_prompt(spec))
                     llm_ms += answer.timings.total_ms
                     events.append(self._event(spec, answer, window, source))
@@ -151,6 +162,11 @@ class Pipeline:
             results[i] = WindowResult(events=events, gated=False, timings=timings, embedding=emb.mean(axis=0))
         logger.debug("batch of %d windows in %.0f ms", len(items), (time.perf_counter() - t0) * 1e3)
         return results
+
+    @property
+    def llm_batched(self) -> bool:
+        """Whether process_batch batches the LLM side (the engine holds more than one window's slot)."""
+        return getattr(self.llm, "max_batch", 1) > 1
 
     def _event(self, spec: PromptSpec, answer, window: WindowInfo, source: str) -> Event:
         score, positive = answer.score, None
@@ -177,10 +193,13 @@ class Pipeline:
 def open_pipeline(bundle_dir: Path, prompts: list[PromptSpec], *, device_id: str, provider: str = "auto",
                   precision: str = "fp32", quantization: str | None = None, n_gpu_layers: int | None = None,
                   state_dir: Path | None = None, verify: str = "full", gate_dbfs: float | None = None,
-                  lora_scale: float | None = None, threads: int = 0, llm_threads: int | None = None) -> Pipeline:
-    """Load and check the bundle, open the encoder and the LLM (both warmed up), ready for `process`."""
+                  lora_scale: float | None = None, threads: int = 0, llm_threads: int | None = None,
+                  max_batch: int = 1) -> Pipeline:
+    """Load and check the bundle, open the encoder and the LLM (both warmed up), ready for `process`. max_batch:
+    windows `process_batch` runs through the LLM together (its KV cache holds max_batch windows)."""
     bundle = load_bundle(Path(bundle_dir), verify=verify, cache_dir=state_dir)
     encoder = AudioEncoder(bundle, precision=precision, provider=provider, state_dir=state_dir, threads=threads)
     llm = LlmEngine.from_bundle(bundle, EngineOptions(model_type=quantization, n_gpu_layers=n_gpu_layers,
-                                                       lora_scale=lora_scale, n_threads=llm_threads))
+                                                       lora_scale=lora_scale, n_threads=llm_threads,
+                                                       max_batch=max_batch))
     return Pipeline(bundle, encoder, llm, prompts, device_id=device_id, gate=ActivityGate(gate_dbfs))

@@ -56,7 +56,7 @@ class PipelineArgs:
         return open_pipeline(Path(self.bundle), list(self.prompts), device_id=self.device_id, provider=self.provider,
                              precision=self.precision, quantization=self.quantization, verify=self.verify,
                              gate_dbfs=self.gate_dbfs, n_gpu_layers=self.n_gpu_layers, threads=self.threads,
-                             llm_threads=self.threads or None)
+                             llm_threads=self.threads or None, max_batch=self.batch)
 
 
 def _one_line(e: BaseException) -> str:

@@ -277,8 +277,8 @@ def test_parquet_partitions_by_source_and_date(tiny_full_bundle, tree, tmp_path)
 
 
 def test_batched_run_gives_the_same_answers(tiny_full_bundle, tree, reference, tmp_path):
-    """--batch 4: the windows go through the encoder four at a time; the answers are those of --batch 1 (decisions
-    and generated text identical, yes/no scores within 1e-5: fp32 batched kernels may round differently)."""
+    """--batch 4: the windows go through the encoder and the LLM four at a time; the answers are those of --batch 1
+    (decisions and generated text identical, scores within 2e-2: tests/test_batch.py gives the bounds)."""
     out = tmp_path / "out"
     r = _infer(tiny_full_bundle, "--prompts", tree.parent / "prompts.yaml", "--out-dir", out, "--exclude",
                "*skip_*", "--batch", "4", tree)
@@ -288,7 +288,7 @@ def test_batched_run_gives_the_same_answers(tiny_full_bundle, tree, reference, t
     for k in want:
         assert got[k][0:2] == want[k][0:2] and got[k][3:] == want[k][3:], k
         if want[k][2] is not None:
-            assert got[k][2] == pytest.approx(want[k][2], abs=1e-5), k
+            assert got[k][2] == pytest.approx(want[k][2], abs=2e-2), k
 
 
 def test_two_worker_processes_give_the_same_outputs(tiny_full_bundle, tree, reference, tmp_path):
