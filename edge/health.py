@@ -117,6 +117,10 @@ def build_health(*, device_id: str, started_monotonic: float, counters: WindowCo
         "windows_failed_in_a_row": counters.failed_in_a_row,
         "last_window_error": counters.last_error,
         "windows_dropped": scheduler.windows_dropped if scheduler is not None else 0,
+        # Short tails at a gap or the end of a source, not analysed (edge/windowing.py MIN_TAIL_SECONDS).
+        "tails_dropped": scheduler.tails_dropped if scheduler is not None else 0,
+        "tail_s_dropped": (round(scheduler.tail_frames_dropped / scheduler.ring.sample_rate, 3)
+                           if scheduler is not None else 0.0),
         "windows_pending": scheduler.pending() if scheduler is not None else 0,
         "events": counters.events,
         "overruns": ring.overruns if ring is not None else 0,

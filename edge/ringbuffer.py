@@ -9,7 +9,9 @@ Two threads meet here and never wait on each other:
   cuts windows with edge.windowing.Windower, and hands them to the inference worker through a bounded queue.
 
 Losses are counted, never hidden: a reader that falls a whole ring behind loses the oldest frames (`overrun_frames`);
-an inference worker that falls behind loses the oldest pending windows (`windows_dropped`). Sources that are not paced
+an inference worker that falls behind loses the oldest pending windows (`windows_dropped`); a last partial window at a
+gap or at the end that would add under half a second of unheard audio is not analysed (`tails_dropped`, see
+edge/windowing.py). Sources that are not paced
 by a clock (a file read as fast as possible, a pipe on stdin) wait for room instead, so they lose nothing.
 
 Time: every block belongs to a *segment*, one uninterrupted run of capture that starts at a known UTC wall-clock time.
@@ -200,6 +202,9 @@ class WindowScheduler:
         self.windows_cut = 0
         self.windows_dropped = 0
         self.gaps_split = 0  # windowing restarted at a discontinuity (source gap or ring overrun)
+        # Tails too short to analyse (edge.windowing.MIN_TAIL_SECONDS of unheard audio) at a gap or the end.
+        self.tails_dropped = 0
+        self.tail_frames_dropped = 0
 
     # --- scheduler thread ----------------------------------------------------------------------------------------
 
@@ -243,6 +248,8 @@ class WindowScheduler:
             tail = self._windower.flush()
             if tail is not None and tail[0].size:
                 self._queue(*tail)
+            self.tails_dropped += self._windower.tails_dropped
+            self.tail_frames_dropped += self._windower.tail_samples_dropped
         self._windower = None
 
     def _queue(self, samples: np.ndarray, start: int) -> None:

@@ -104,14 +104,26 @@ def test_windows_are_cut_at_the_hop_with_capture_timestamps():
 def test_a_window_never_spans_a_gap():
     ring, sched = _scheduler()
     ring.begin_segment(100.0)
-    ring.write(ramp(0, 130))  # 1.3 s: windows at 0.0; tail 0.5-1.3 flushed as a short window at the gap
+    ring.write(ramp(0, 130))  # 1.3 s: a window at 0.0; the tail 0.5-1.3 adds only 0.3 s unheard: dropped, counted
     ring.begin_segment(110.0, gap_frames=870)
     ring.write(ramp(0, 100))
     sched.pump()
     wins = _drain(sched)
-    assert [(w.info.offset_s, w.info.duration_s) for w in wins] == [(0.0, 1.0), (0.5, 0.8), (10.0, 1.0)]
-    assert wins[2].info.start_utc.timestamp() == 110.0
+    assert [(w.info.offset_s, w.info.duration_s) for w in wins] == [(0.0, 1.0), (10.0, 1.0)]
+    assert wins[1].info.start_utc.timestamp() == 110.0
     assert sched.gaps_split == 1
+    assert (sched.tails_dropped, sched.tail_frames_dropped) == (1, 30)
+
+
+def test_a_tail_with_enough_unheard_audio_is_a_last_shorter_window():
+    ring, sched = _scheduler(window_s=2.0, hop_s=2.0)
+    ring.begin_segment(0.0)
+    ring.write(ramp(0, 260))  # 2.6 s: a window at 0.0, then 0.6 s unheard, at least MIN_TAIL_SECONDS: kept
+    ring.closed = True
+    sched.pump()
+    wins = _drain(sched)
+    assert [(w.info.offset_s, w.info.duration_s) for w in wins] == [(0.0, 2.0), (2.0, 0.6)]
+    assert sched.tails_dropped == 0
 
 
 def test_the_backlog_is_bounded_and_drops_the_oldest():
@@ -161,7 +173,9 @@ def test_end_of_source_flushes_the_tail_and_finishes():
     ring.closed = True
     sched.pump()
     wins = _drain(sched)
-    assert [(w.info.offset_s, w.info.duration_s) for w in wins] == [(0.0, 1.0), (0.5, 0.7)]
+    # 1.2 s: a window at 0.0; the tail adds 0.2 s unheard, under MIN_TAIL_SECONDS: dropped and counted.
+    assert [(w.info.offset_s, w.info.duration_s) for w in wins] == [(0.0, 1.0)]
+    assert sched.tails_dropped == 1
     assert sched.finished
 
 
