@@ -169,7 +169,8 @@ def main(argv=None) -> int:
         "results": results,
         "encoder_ms_per_window_small_preset": encoder,
         "share_of_encoder_48k_float64": {
-            p: {"blas_default": round(ours["48000_float64"] / ms, 4), "blas_1_thread": round(ours1["48000_float64"] / ms, 4)}
+            p: {"blas_default": round(ours["48000_float64"] / ms, 4),
+                "blas_1_thread": round(ours1["48000_float64"] / ms, 4)}
             for p, ms in encoder.items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

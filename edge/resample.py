@@ -11,8 +11,9 @@ Birds sing there, so the device must hear what upstream hears.
 (truncated, so the filter is read at slightly compressed positions), one interpolation factor per wing of each output
 sample, the output length `int(n * new / orig)`, and output times `t * (orig / new)` in floating point (which for some
 rates land a hair below an integer and so take the neighbouring phase). Outputs of a rational ratio new:orig = U:D
-repeat their filter every U outputs, so the work is a few matrix products per window against a band matrix of
-precomputed taps (built on the first call for an input length and kept: the front end's windows have one length);
+repeat their filter every U outputs, so the work is matrix products per window against a band matrix of precomputed
+taps (built on the first call for an input length and kept: the front end's windows have one length), ~65 M
+multiply-adds for 10 s at 44.1 or 48 kHz, a few ms on one core;
 outputs whose floating-point time broke the pattern, and rates without a small ratio, are computed per output from
 their own taps. Against resampy 0.4.3 (tests/test_resample.py) the difference is ~1e-11 of full scale when computing
 in float64 (the device's choice, as upstream resamples soundfile's float64) and ~1e-6 in float32.
@@ -50,6 +51,11 @@ __all__ = ["kaiser_filter", "resampy_output_length", "resampy_resample", "sinc_r
 _MAX_PHASES = 4096
 #: Elements of one gathered (outputs x taps) chunk in the per-output path: bounds its memory to ~16 MB.
 _GATHER_ELEMENTS = 2_000_000
+#: Multiply-adds per matrix product. OpenBLAS (numpy's BLAS) runs a product of up to 4 * 65536 of them on the calling
+#: thread and larger ones on a thread per core, which then spin-wait after the product; on a device whose cores the
+#: encoder and llama.cpp use next, and on a loaded machine, that costs more than it saves (measured 5-6x slower
+#: for one 48 kHz window on a loaded 2-core machine). Products are cut into row chunks below this size.
+_PRODUCT_MACS = 4 * 65536
 
 
 @lru_cache(maxsize=4)
@@ -129,10 +135,12 @@ class _Kernel:
 
     For a ratio new:orig = U:D in lowest terms, output t = U*m + p ideally reads the inputs around n_p + D*m with the
     filter of phase p. `group` periods make one block of G*U outputs whose inputs start G*D samples after the previous
-    block's: with the input cut into rows of G*D samples (a reshape, no copy), the block outputs are
-    sum_s rows[m + s] @ W_s over the few slices W_s of the block's (span x G*U) band matrix of taps. Outputs whose
-    floating-point time broke the period (resampy computes t * (orig / new), which for some t lands just below an
-    integer) are computed one by one from their own taps.
+    block's, so all blocks share one (span x G*U) band matrix of taps: block outputs = X @ W with X[m] the span of
+    inputs from block m's first tap. X is a strided view of the input (row stride G*D, no copy); the product is cut
+    into pieces that skip the band's zeros and are at most G*D columns wide (a view BLAS takes without copying), in
+    row chunks small enough to run on the calling thread (_PRODUCT_MACS). Outputs whose floating-point time broke the
+    period (resampy computes t * (orig / new), which for some t lands just below an integer) are computed one by one
+    from their own taps.
     """
 
     def __init__(self, n_in: int, orig_freq: float, new_freq: float, table: np.ndarray, num_table: int,
@@ -169,18 +177,26 @@ class _Kernel:
         t = np.arange(rows * outs)
         same = ((plan.n[t] - (t // outs) * ins == base_n[t % outs])
                 & (plan.off_l[t] == plan.off_l[t % outs]) & (plan.off_r[t] == plan.off_r[t % outs]))
-        span = int(base_n[-1] - base_n[0]) + taps
-        slices = -(-span // ins)
-        w = np.zeros((slices * ins, outs))
+        w = np.zeros((int(base_n[-1] - base_n[0]) + taps, outs))
         tap_rows = plan.weights(p)
         for j in range(outs):
             a = int(base_n[j] - base_n[0])
             w[a:a + taps, j] = tap_rows[j]
-        self.w = [w[s * ins:(s + 1) * ins].astype(self.dtype) for s in range(slices)]
+        # Cut the band matrix into products that read only its non-zero band: consecutive outputs in groups whose
+        # inputs overlap (few zeros), each input range in pieces of at most `ins` columns, so that every piece is a
+        # strided view of the input with a row stride of `ins` that BLAS takes as it is (no copy).
+        per_group = max(1, min(outs, math.ceil(taps * up / (2 * down))))
+        self.products = []
+        for j0 in range(0, outs, per_group):
+            j1 = min(outs, j0 + per_group)
+            a0, a1 = int(base_n[j0] - base_n[0]), int(base_n[j1 - 1] - base_n[0]) + taps
+            for c in range(a0, a1, ins):
+                width = min(ins, a1 - c)
+                self.products.append((c, width, j0, j1, np.ascontiguousarray(w[c:c + width, j0:j1], self.dtype)))
         self.rows, self.outs, self.ins = rows, outs, ins
         # Block m's first tap is at padded index base_n[0] + 1 + m * ins; the padding must hold every row read.
         self.start = int(base_n[0]) + 1
-        self.pad_r = max(self.pad_r, self.start + (rows + slices - 1) * ins - self.pad_l - plan.n_in)
+        self.pad_r = max(self.pad_r, self.start + (rows - 1) * ins + w.shape[0] - self.pad_l - plan.n_in)
         done = np.zeros(self.n_out, dtype=bool)
         done[: rows * outs] = same
         return done
@@ -189,12 +205,16 @@ class _Kernel:
         padded = np.concatenate([np.zeros(self.pad_l, self.dtype), x, np.zeros(self.pad_r, self.dtype)])
         y = np.empty(self.n_out, dtype=self.dtype)
         if self.rows:
-            cut = padded[self.start:self.start + (self.rows + len(self.w) - 1) * self.ins]
-            blocks = cut.reshape(-1, self.ins)
             out = y[: self.rows * self.outs].reshape(self.rows, self.outs)
-            np.matmul(blocks[: self.rows], self.w[0], out=out)
-            for s in range(1, len(self.w)):
-                out += blocks[s:s + self.rows] @ self.w[s]
+            out[:] = 0
+            base = padded[self.start:]
+            item = base.strides[0]
+            for c, width, j0, j1, w in self.products:
+                view = np.lib.stride_tricks.as_strided(base[c:], shape=(self.rows, width),
+                                                       strides=(self.ins * item, item), writeable=False)
+                step = max(1, _PRODUCT_MACS // (width * (j1 - j0)))
+                for a in range(0, self.rows, step):
+                    out[a:a + step, j0:j1] += view[a:a + step] @ w
         chunk = max(1, _GATHER_ELEMENTS // max(1, self.width))
         cols = np.arange(self.width)
         for a in range(0, self.rest.shape[0], chunk):

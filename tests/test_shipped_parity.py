@@ -14,8 +14,9 @@ The tiny model's P(Yes) sits near 0.5 (0.45-0.56 on these clips), so decisions f
 |dP(Yes)| is the informative bound. Bounds are measured figures (below, on an AVX-512 VNNI CPU; every failure message
 names the CPU flags) with margin: on an AVX2-only CPU onnxruntime runs the int8 encoder's products in other integer
 kernels, and the tiny int8 encoder verified at mean cosine 0.9887 there (FINDINGS.md, 2026-12-01) against 0.99974
-here: 1 - cosine 43x, about 6.6x the error's amplitude, so the int8 bound on |dP(Yes)| is 12x what is seen here. The same figures for the LLM side alone are in
-every bundle's quality report (quantize/quality.py), next to KL and top-1.
+here: 1 - cosine 43x, about 6.6x the error's amplitude, so the int8 bound on |dP(Yes)| is 12x what is seen here.
+The same figures for the LLM side alone are in every bundle's quality report (quantize/quality.py), next to KL and
+top-1.
 """
 
 from __future__ import annotations
@@ -72,6 +73,11 @@ def _reference_label_shares(ref_llm, emb: torch.Tensor) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def reference_answers(tiny_model) -> dict:
+    return compute_reference(tiny_model)
+
+
+def compute_reference(tiny_model) -> dict:
+    """Per (clip seed, rate): the reference's P(Yes), label shares and greedy answer tokens."""
     from export.reference import ReferencePipeline
 
     ref = ReferencePipeline(*tiny_model)
@@ -101,9 +107,8 @@ def _prefix_share(got, want) -> float:
     return n / len(want)
 
 
-def shipped_figures(bundle_dir: Path, precision: str, quantization: str, reference: dict,
-                    options: EngineOptions | None = None) -> dict:
-    """The user-facing figures of one encoder x LLM combination over every clip of `reference`, and per clip."""
+def device_embeddings(bundle_dir: Path, precision: str, clips) -> dict:
+    """Per (clip seed, rate): the device front end's and `precision` encoder's audio embeddings."""
     from edge.frontend import AudioFrontEnd
     from edge.spec import FbankSpec, resampler_from_dict
 
@@ -112,12 +117,20 @@ def shipped_figures(bundle_dir: Path, precision: str, quantization: str, referen
     frontend = AudioFrontEnd(FbankSpec.from_dict(audio["fbank"]), float(audio["clip_seconds"]),
                              sinc=resampler_from_dict(audio.get("resampler")))
     encoder = AudioEncoder(bundle, precision=precision, provider="cpu", threads=1)
+    return {(seed, rate): encoder.encode(frontend.features(_clip(seed, rate), rate))[0] for seed, rate in clips}
+
+
+def shipped_figures(bundle_dir: Path, precision: str, quantization: str, reference: dict,
+                    options: EngineOptions | None = None, embeddings: dict | None = None) -> dict:
+    """The user-facing figures of one encoder x LLM combination over every clip of `reference`, and per clip.
+    `embeddings` (from device_embeddings, e.g. computed on another CPU) replace the encoder's here."""
+    bundle = load_bundle(bundle_dir)
+    embeddings = embeddings or device_embeddings(bundle_dir, precision, list(reference))
     clips = []
     options = options or EngineOptions(model_type=quantization, n_threads=1)
     with LlmEngine.from_bundle(bundle, options) as llm:
         for (seed, rate), want in reference.items():
-            emb = encoder.encode(frontend.features(_clip(seed, rate), rate))[0]
-            llm.set_audio(emb)
+            llm.set_audio(embeddings[(seed, rate)])
             yes = llm.ask(Prompt(id="crow", kind="yes_no", question=YES_NO))
             label = llm.ask(Prompt(id="species", kind="label", question=LABEL_Q, labels=LABELS))
             answer = llm.ask(Prompt(id="caption", kind="open", question=OPEN_Q, max_new_tokens=MAX_TOKENS))
