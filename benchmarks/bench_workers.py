@@ -77,7 +77,7 @@ def run(name: str, extra: list[str], bundle: Path, data: Path, prompts: Path, ou
             try:
                 rss = p.memory_info().rss / 2**20
                 name_ = p.name()
-                cmdline = " ".join(p.cmdline()[:3])[:120]
+                cmdline = " ".join(Path(c).name if c.startswith("/") else c for c in p.cmdline()[:4])[:100]
             except psutil.Error:
                 continue
             total += rss
