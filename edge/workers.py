@@ -171,6 +171,7 @@ class ProcessBackend:
             p.start()
         alive = set(range(self.workers))
         current: dict[int, str] = {}
+        ended: set[str] = set()
         while alive:
             try:
                 msg = rq.get(timeout=1.0)
@@ -184,6 +185,7 @@ class ProcessBackend:
                                      f" while running {lost}: its file is left unfinished in the ledger "
                                      "(--resume runs it again)" if lost else "")
                         if lost:
+                            ended.add(lost)
                             yield ("lost", i, lost)
                 continue
             kind, i = msg[0], msg[1]
@@ -194,7 +196,15 @@ class ProcessBackend:
                 current[i] = msg[2]
             elif kind == "end":
                 current.pop(i, None)
+                ended.add(msg[2])
+            elif kind == "lost":
+                ended.add(msg[2])
             yield msg
+        # A worker that died between taking a file from the queue and saying so: that file was never run.
+        for t in tasks:
+            if t.path not in ended and t.path not in current.values():
+                logger.error("%s was never run (its worker was lost): --resume runs it", t.source)
+                yield ("lost", -1, t.path)
 
     def close(self):
         for p in self.procs:

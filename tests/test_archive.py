@@ -315,3 +315,37 @@ def test_ray_two_local_workers_give_the_same_outputs(tiny_full_bundle, tree, ref
     for k in want:
         assert got[k][:2] == want[k][:2] and got[k][3:] == want[k][3:], k
     assert _ledger(out) == _ledger(reference)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def test_a_worker_killed_mid_run_loses_nothing(tiny_full_bundle, tree, reference, tmp_path):
+    """--workers 2, one worker process SIGKILLed while it runs a file: the run finishes the other files, says which
+    file was cut short and exits 1; --resume then gives the uninterrupted run's outputs exactly."""
+    out = tmp_path / "out"
+    args = ["--prompts", tree.parent / "prompts.yaml", "--out-dir", out, "--exclude", "*skip_*", tree]
+    proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "infer", "--no-progress", "--provider", "cpu",
+                             "--bundle", str(tiny_full_bundle), "--hop", "5", "--workers", "2", *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    victim = None
+    deadline = time.monotonic() + 300
+    while victim is None and time.monotonic() < deadline and proc.poll() is None:
+        jsonl = out / "events.jsonl"
+        workers = [c for c in _children(proc.pid)
+                   if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        if len(workers) == 2 and jsonl.exists() and jsonl.stat().st_size > 0:
+            victim = workers[0]
+            os.kill(victim, signal.SIGKILL)
+        time.sleep(0.02)
+    _, err = proc.communicate(timeout=300)
+    assert victim is not None, f"the run ended before a worker could be killed: {err}"
+    assert proc.returncode == 1, err
+    assert "cut short by a lost worker" in err and "--resume" in err and "Traceback" not in err
+    _infer(tiny_full_bundle, *args, "--resume")
+    assert _answers(_events(out)) == _answers(_events(reference))
+    assert _ledger(out) == _ledger(reference)
