@@ -6,15 +6,19 @@ tiny preset, two clips at each of 16, 32, 44.1 and 48 kHz. Per combination, over
 - yes/no: |P(Yes) device - P(Yes) reference|, and the decision (P(Yes) >= 0.5) wherever the reference's score is
   further from 0.5 than that bound (closer, no decision can be promised);
 - label: the top-1 label, wherever the reference's two best labels are more than a near tie apart;
-- open answers (greedy on both sides): the share of the reference's tokens reproduced before the first difference.
+- open answers (upstream's decoding, 2 beams, on both sides): the share of the reference's tokens reproduced before
+  the first difference.
 The encoder's share is measured on its own too (each encoder with the F32 GGUF run exactly), so that a failure says
 which side moved.
 
 The tiny model's P(Yes) sits near 0.5 (0.45-0.56 on these clips), so decisions flip on small errors and the absolute
 |dP(Yes)| is the informative bound. Bounds are measured figures (below, on an AVX-512 VNNI CPU; every failure message
-names the CPU flags) with margin: on an AVX2-only CPU onnxruntime runs the int8 encoder's products in other integer
-kernels, and the tiny int8 encoder verified at mean cosine 0.9887 there (FINDINGS.md, 2026-12-01) against 0.99974
-here: 1 - cosine 43x, about 6.6x the error's amplitude, so the int8 bound on |dP(Yes)| is 12x what is seen here.
+names the CPU and its int8 kernel) with margin. On an AVX2-only CPU onnxruntime runs the int8 encoder's products in
+other integer kernels: measured once under `qemu-x86_64 -cpu Haswell-v4` (AVX2, no AVX-512/VNNI; the encoders run
+emulated, the LLM natively on their embeddings), the int8 encoder's embeddings were within cosine 0.9998 (max
+|difference| 2% of scale) of VNNI's and |dP(Yes)| was int8 + F32 0.0025 (VNNI 0.0024), int8 + Q8_0 0.0078 (0.0138),
+int8 + Q4_K_M 0.122 (0.132); fp16 gave identical embeddings. Earlier int8 schemes were ~6x worse on AVX2 (mean cosine
+0.9887 against 0.9997 on VNNI, FINDINGS.md): the int8 bound (20x what is seen) leaves room for such a scheme too.
 The same figures for the LLM side alone are in every bundle's quality report (quantize/quality.py), next to KL and
 top-1.
 """
@@ -168,13 +172,15 @@ def _check(fig: dict, dp_max: float, token_agreement_min: float, what: str) -> N
 
 
 # The encoder alone (with the LLM as exact as llama.cpp gets: F32 weights and KV cache, no flash attention).
-# |dP(Yes)| seen here: fp32 3.1e-7, fp16 5.9e-4, int8 4.0e-3; answers: fp32 and fp16 all identical, int8 0.95 of
-# the reference's tokens before the first difference (one near tie of eight).
+# |dP(Yes)| seen here: fp32 3e-7, fp16 5.9e-4, int8 2.4e-3 (4.0e-3 with the earlier int8 scheme); answers: all
+# identical (int8 0.95 of the reference's tokens with the earlier scheme: one near tie of eight).
 ENCODER_BOUNDS = {"fp32": (1e-4, 1.0), "fp16": (5e-3, 0.75), "int8": (5e-2, 0.5)}
 # Shipped combinations (default engine settings). The LLM's quantization dominates: on the tiny preset (256-wide
 # random layers: one K-quant super-block per row) Q4_K_M moves P(Yes) by a near-constant +0.12 (seen max 0.131 with
-# either encoder), Q8_0 by <= 0.012; answers: Q8_0 0.92-1.0 of the reference's tokens, Q4_K_M 0.41-0.50.
-LLM_BOUNDS = {"Q8_0": (0.05, 0.5), "Q4_K_M": (0.25, 0.15)}
+# either encoder), Q8_0 by <= 0.014; answers (2 beams): Q8_0 0.68-0.91 of the reference's tokens, Q4_K_M 0.41-0.45.
+# Beam search on random weights meets near ties, and llama.cpp's quantized dot products sum in another order on
+# another CPU, hence the room under the answer figures.
+LLM_BOUNDS = {"Q8_0": (0.05, 0.35), "Q4_K_M": (0.25, 0.15)}
 LABEL_CLEAR_MARGIN = 0.2
 
 
