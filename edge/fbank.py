@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from edge.blas import matmul_rows
 from edge.spec import FbankSpec
 
 __all__ = ["analysis_window", "fbank_features", "fft_length", "log_mel_fbank", "mel_filterbank", "normalize_fbank"]
@@ -137,7 +138,7 @@ def log_mel_fbank(waveform: np.ndarray, spec: FbankSpec) -> np.ndarray:
     power = spectrum.real**2 + spectrum.imag**2
     if not spec.use_power:
         power = np.sqrt(power)
-    energies = power @ tables.mel_t
+    energies = matmul_rows(power, tables.mel_t)  # on this thread: see edge/blas.py
     np.maximum(energies, _LOG_FLOOR, out=energies)
     return np.log(energies).astype(np.float32)
 

@@ -44,6 +44,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from edge.blas import rows_per_product
+
 __all__ = ["kaiser_filter", "resampy_output_length", "resampy_resample", "sinc_resample"]
 
 #: Largest number of distinct output phases (U of the reduced ratio U:D) for which the block product is used; beyond
@@ -51,11 +53,6 @@ __all__ = ["kaiser_filter", "resampy_output_length", "resampy_resample", "sinc_r
 _MAX_PHASES = 4096
 #: Elements of one gathered (outputs x taps) chunk in the per-output path: bounds its memory to ~16 MB.
 _GATHER_ELEMENTS = 2_000_000
-#: Multiply-adds per matrix product. OpenBLAS (numpy's BLAS) runs a product of up to 4 * 65536 of them on the calling
-#: thread and larger ones on a thread per core, which then spin-wait after the product; on a device whose cores the
-#: encoder and llama.cpp use next, and on a loaded machine, that costs more than it saves (measured 5-6x slower
-#: for one 48 kHz window on a loaded 2-core machine). Products are cut into row chunks below this size.
-_PRODUCT_MACS = 4 * 65536
 
 
 @lru_cache(maxsize=4)
@@ -138,7 +135,7 @@ class _Kernel:
     block's, so all blocks share one (span x G*U) band matrix of taps: block outputs = X @ W with X[m] the span of
     inputs from block m's first tap. X is a strided view of the input (row stride G*D, no copy); the product is cut
     into pieces that skip the band's zeros and are at most G*D columns wide (a view BLAS takes without copying), in
-    row chunks small enough to run on the calling thread (_PRODUCT_MACS). Outputs whose floating-point time broke the
+    row chunks small enough to run on the calling thread (edge/blas.py). Outputs whose floating-point time broke the
     period (resampy computes t * (orig / new), which for some t lands just below an integer) are computed one by one
     from their own taps.
     """
@@ -212,7 +209,7 @@ class _Kernel:
             for c, width, j0, j1, w in self.products:
                 view = np.lib.stride_tricks.as_strided(base[c:], shape=(self.rows, width),
                                                        strides=(self.ins * item, item), writeable=False)
-                step = max(1, _PRODUCT_MACS // (width * (j1 - j0)))
+                step = rows_per_product(width, j1 - j0)  # on this thread: see edge/blas.py
                 for a in range(0, self.rows, step):
                     out[a:a + step, j0:j1] += view[a:a + step] @ w
         chunk = max(1, _GATHER_ELEMENTS // max(1, self.width))

@@ -151,3 +151,14 @@ def test_manifest_names_the_filter_and_old_bundles_keep_theirs(caplog):
     x = _signal("noise", 48000, 11.0)
     legacy_ref = reference_waveform(x, 48000, resampler=LEGACY_RESAMPLER).numpy()
     np.testing.assert_allclose(old.clip_waveform(x.astype(np.float32), 48000), legacy_ref, rtol=0, atol=1e-5)
+
+
+def test_products_on_the_calling_thread_equal_plain_products():
+    from edge.blas import SINGLE_THREAD_MACS, matmul_rows, rows_per_product
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((998, 257)), rng.standard_normal((257, 128))  # the fbank's mel product
+    assert rows_per_product(257, 128) * 257 * 128 <= SINGLE_THREAD_MACS
+    assert rows_per_product(10**6, 10**6) == 1
+    np.testing.assert_allclose(matmul_rows(a, b), a @ b, rtol=1e-12, atol=1e-12)
+    assert matmul_rows(a[:0], b).shape == (0, 128)
