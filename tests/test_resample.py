@@ -162,3 +162,11 @@ def test_products_on_the_calling_thread_equal_plain_products():
     assert rows_per_product(10**6, 10**6) == 1
     np.testing.assert_allclose(matmul_rows(a, b), a @ b, rtol=1e-12, atol=1e-12)
     assert matmul_rows(a[:0], b).shape == (0, 128)
+
+
+def test_export_records_the_filter_in_the_manifest(tiny_bundle):
+    import json
+
+    audio = json.loads((tiny_bundle / "manifest.json").read_text())["audio"]
+    assert audio["resampler"] == RESAMPLER.to_dict()
+    assert resampler_from_dict(audio["resampler"]) == RESAMPLER
