@@ -349,3 +349,15 @@ def test_a_worker_killed_mid_run_loses_nothing(tiny_full_bundle, tree, reference
     _infer(tiny_full_bundle, *args, "--resume")
     assert _answers(_events(out)) == _answers(_events(reference))
     assert _ledger(out) == _ledger(reference)
+
+
+def test_one_progress_bar_over_the_archive_with_rate_and_eta(tiny_full_bundle, tree, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "edge.cli", "infer", "--provider", "cpu", "--bundle",
+                        str(tiny_full_bundle), "--hop", "5", "--prompt", "Is there a bird? Answer Yes or No.",
+                        "--out-dir", str(tmp_path / "out"), "--exclude", "*skip_*", str(tree)],
+                       capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr
+    bars = {line.split(":")[0] for line in r.stderr.replace("\r", "\n").splitlines() if "win/s" in line}
+    assert bars == {"infer"}  # one bar for the whole tree, not one per file
+    final = [line for line in r.stderr.replace("\r", "\n").splitlines() if "17/17" in line]
+    assert final and "100%" in final[-1] and "<" in final[-1]  # elapsed<remaining: tqdm's ETA field
