@@ -17,12 +17,15 @@ that lines of a file that never finished (a kill, a lost worker) can be found an
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from edge.errors import ConfigError
 
 _SCHEMA = """
 create table if not exists files (
@@ -79,6 +82,14 @@ class Ledger:
         self.path = Path(path)
         self.bundle_id = bundle_id
         self.prompts_hash = prompts_hash
+        # One run per output folder: two writers would interleave their lines and purge each other's.
+        self._lock = open(self.path.with_name(self.path.name + ".lock"), "a")  # noqa: SIM115 (held for the run)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            raise ConfigError(f"{self.path.parent}: another `infer` is writing there (its ledger is locked); wait "
+                              "for it, or give another --out-dir") from None
         self.db = sqlite3.connect(str(self.path), isolation_level=None)  # explicit transactions below
         self.db.execute("pragma journal_mode=wal")
         self.db.execute("pragma synchronous=full")  # a commit that returned is on disk
@@ -86,6 +97,7 @@ class Ledger:
 
     def close(self) -> None:
         self.db.close()
+        self._lock.close()
 
     def _tx(self, sql: str, args=()) -> None:
         with self.db:

@@ -361,3 +361,18 @@ def test_one_progress_bar_over_the_archive_with_rate_and_eta(tiny_full_bundle, t
     assert bars == {"infer"}  # one bar for the whole tree, not one per file
     final = [line for line in r.stderr.replace("\r", "\n").splitlines() if "17/17" in line]
     assert final and "100%" in final[-1] and "<" in final[-1]  # elapsed<remaining: tqdm's ETA field
+
+
+def test_two_runs_into_one_folder_are_refused(tiny_full_bundle, tree, tmp_path):
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / "ledger.sqlite.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a running infer holds it
+        r = _infer(tiny_full_bundle, "--prompt", "Is there a bird? Answer Yes or No.", "--out-dir", out, tree,
+                   check=False)
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("naturelm-edge: error:")]
+    assert len(errors) == 1 and "another `infer` is writing there" in errors[0] and str(out) in errors[0]
+    assert not (out / "events.jsonl").exists()
