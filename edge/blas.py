@@ -4,10 +4,11 @@ numpy's BLAS (OpenBLAS in the wheels, on x86 and on a Jetson alike) computes a p
 multiply-adds on the calling thread and a larger one on a thread per core, which then spin-wait for the next product.
 The front end's products (the resampler's band matrix, the fbank's mel matrix) are small and come right before the
 encoder and llama.cpp, which have their own thread pools: BLAS threads spinning beside them take the cores they run
-on, and on a loaded machine the threads wait on each other. Measured on a loaded 2-core machine: one 48 kHz window's
-resampling 77 ms with BLAS's threads against 13 ms on one thread, its front end 101 against 32 ms
-(benchmarks/bench_resample.py). Cutting each product into row chunks under the threshold keeps BLAS on this thread
-without changing any process-wide setting; the per-call overhead (a few microseconds a chunk) is small against that.
+on, and on a loaded machine the threads wait on each other. Measured on a loaded 2-core machine before products were
+cut (benchmarks/bench_resample.py): one 48 kHz window's resampling 77 ms with BLAS's threads against 13 ms with
+OPENBLAS_NUM_THREADS=1, its whole front end 101 against 32 ms. Cutting each product into row chunks under the
+threshold keeps BLAS on this thread without changing any process-wide setting (after: 5.2 against 5.5 ms, front end
+11 against 14 ms, the machine quieter); the per-call overhead, a few microseconds a chunk, is small against that.
 """
 
 from __future__ import annotations

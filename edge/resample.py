@@ -25,11 +25,13 @@ published beyond 6 digits (12.9846); 12.984585247039956 is fitted to the shipped
 Why not resampy itself on the device. It needs numba and llvmlite; both publish aarch64 wheels for CPython 3.10
 (numba 0.60 / llvmlite 0.43 resolve for manylinux2014_aarch64 cp310), so it would install on a Jetson. But numba
 compiles resampy's loop on first use in every process, and LLVM stays resident. Measured here (benchmarks/
-bench_resample.py, x86-64, 2 shared cores, numba 0.68): `import resampy` 0.6 s and its first call 2.3-3.1 s,
-resident memory 52 -> 152 MB after the import and 204 MB after the first call; this module imports in 0.01 s, its
-first call (building the table) takes ~0.2 s and resident memory grows by ~20 MB. Installed, llvmlite and numba are
-~210 MB. On a board where the daemon restarts under systemd and `infer` runs per batch, seconds of JIT on each start
-and 150 MB beside the model cost more than the ~200 lines here. resampy stays in the `dev` extra, as the oracle.
+bench_resample.py, results/resample.json; x86-64, 2 shared cores, numba 0.68): `import resampy` 0.3-0.6 s and its
+first call 1.2-3.1 s, resident memory 52 -> 145 MB after the import and 198 MB after the first call, and then 154 ms
+per 10 s window at 48 kHz (its loop is scalar); this module imports in 0.002 s, its first call (building the table)
+takes 0.05-0.2 s, resident memory grows by ~18 MB, and a window takes 5 ms in float64 (2 ms in float32), 1.7% of
+the small preset's int8 encoder. Installed, llvmlite and numba are ~210 MB. On a board where the daemon restarts
+under systemd and `infer` runs per batch, seconds of JIT on each start and 150 MB beside the model cost more than the
+~200 lines here. resampy stays in the `dev` extra, as the oracle.
 
 The torchaudio-style windowed sinc (`sinc_resample`) stays for bundles made before the manifest named resampy's
 filter: such a bundle keeps the filter its manifest records, so that its answers do not change under a software
