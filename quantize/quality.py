@@ -10,7 +10,7 @@ same report.
 Next to them, what a user sees (the figures tests/test_shipped_parity.py bounds end to end against the PyTorch
 reference): for the yes/no questions, how often the decision (P(Yes) >= 0.5) agrees and |P(Yes) - P(Yes)_f16|; for a
 label question over a fixed label set, how often the top-1 label agrees; for every question, the candidate's own
-greedy answer against the reference's: the share of the reference's tokens reproduced before the first difference,
+answer (decoded as the device decodes it: 2 beams, as upstream) against the reference's: the share of the reference's tokens reproduced before the first difference,
 and how many answers are identical.
 """
 
@@ -49,7 +49,7 @@ PROBE_LABELS = ("American Crow", "Common Raven", "Blue Jay", "Song Sparrow", "Ba
 class Probe:
     audio: list[np.ndarray]
     questions: tuple[str, ...]
-    continuations: list[list[int]]  # per (clip, question): the reference's greedy answer tokens
+    continuations: list[list[int]]  # per (clip, question): the reference's answer tokens (the device's 2 beams)
     logits: list[np.ndarray]  # per (clip, question): [len(continuation) + 1, n_vocab] reference logits
     audio_std: float
     seed: int
@@ -145,7 +145,7 @@ def compare(probe: Probe, candidate: Path, llm: Mapping, adapter: Path | None = 
                 lp, lq = _log_softmax(ref), _log_softmax(got)
                 kls.extend(np.sum(np.exp(lp) * (lp - lq), axis=-1).tolist())
                 agree.extend((ref.argmax(axis=-1) == got.argmax(axis=-1)).tolist())
-                # Its own greedy answer, as the device would give it, against the reference's.
+                # Its own answer, decoded as the device decodes it (2 beams), against the reference's.
                 own = engine.ask(Prompt(id="probe", kind="open", question=q, max_new_tokens=max(continuation, 1)))
                 shares.append(_prefix_share(list(own.token_ids), probe.continuations[i]))
                 same.append(list(own.token_ids) == list(probe.continuations[i]))
