@@ -75,8 +75,17 @@ TOLERANCES = {
     # Reduced precision is judged by direction, which is what the LLM reads from an embedding: the project's quality
     # bar is a mean cosine of 0.99 to the float32 reference. The max error is reported, not bounded.
     "fp16": Tolerance(max_abs_error=math.inf, mean_cosine=0.99),
-    "int8": Tolerance(max_abs_error=math.inf, mean_cosine=0.99),
-    "int8-qdq": Tolerance(max_abs_error=math.inf, mean_cosine=0.99),
+    # int8 (dynamic, u8 weights; export/int8.py), measured (benchmarks/results/int8_schemes.json): mean / min cosine
+    # 0.99976 / 0.99944 on the tiny preset with AVX-512 VNNI and the same on an (emulated) AVX2-only CPU, 0.99963 /
+    # 0.99952 on the small preset; ARM's dot-product kernels are exact like VNNI. So 1 - cosine <= 4e-4 (mean) and
+    # 6e-4 (min) on every path: the bounds leave 12x and 33x that, and still fail what is broken: the earlier s8
+    # scheme on a saturating AVX2 CPU (0.98873 / 0.98220 on the tiny bundle) and a 2-bit re-quantization (0.53).
+    "int8": Tolerance(max_abs_error=math.inf, mean_cosine=0.995, min_cosine=0.98),
+    # int8-qdq (static, for TensorRT), on onnxruntime's CPU kernels: 0.99874 / 0.99527 (tiny) and 0.99404 / 0.99278
+    # (small) with VNNI; 0.99292 / 0.98164 (tiny) on an AVX2-only CPU, where its s8 x s8 products saturate. TensorRT's
+    # int8 kernels do not saturate. The project's bar (0.99 mean) with a min of 0.97: a QDQ graph with a lost scale
+    # or zero point falls far below both; a CPU without VNNI is where it is closest, and the device says so there.
+    "int8-qdq": Tolerance(max_abs_error=math.inf, mean_cosine=0.99, min_cosine=0.97),
 }
 
 # LayerNormalization stays in float32 in the fp16 graph: its variance is a sum of squares over the 768 channels of a
