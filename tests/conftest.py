@@ -110,6 +110,23 @@ def mqtt_broker_factory(tmp_path):
         b.stop()
 
 
+@pytest.fixture
+def daemons():
+    """start(config, env=None, pythonpath=()) -> the daemon as a subprocess (tests/test_daemon_e2e.py Daemon); every
+    one still running is killed after the test."""
+    from test_daemon_e2e import Daemon
+
+    started = []
+
+    def start(*args, **kw) -> Daemon:
+        started.append(Daemon(*args, **kw))
+        return started[-1]
+
+    yield start
+    for d in started:
+        d.kill()
+
+
 @pytest.fixture(scope="session")
 def tiny_full_bundle(tiny_bundle, tiny_llm_bundle, tmp_path_factory) -> Path:
     """One bundle with both sides of the tiny model (what `naturelm-edge build` makes): the audio encoders of

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 from mqtt_broker import Subscriber
-from test_daemon_e2e import _config, _wav, daemons  # noqa: F401 - the fixture
+from test_daemon_e2e import _config, _wav
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ def _creds(tmp_path: Path) -> Path:
     return d
 
 
-def test_anonymous_broker_with_the_empty_credential(tiny_full_bundle, mqtt_broker, daemons, tmp_path):  # noqa: F811
+def test_anonymous_broker_with_the_empty_credential(tiny_full_bundle, mqtt_broker, daemons, tmp_path):
     wav = _wav(tmp_path / "a.wav", 3.0)
     cfg = _config(tmp_path, tiny_full_bundle, mqtt_broker.port,
                   {"type": "file", "file": {"path": str(wav), "realtime": False}})
@@ -35,7 +35,7 @@ def test_anonymous_broker_with_the_empty_credential(tiny_full_bundle, mqtt_broke
     sub.close()
 
 
-def test_a_named_empty_credential_is_a_config_error_not_a_restart_loop(tiny_full_bundle, mqtt_broker, daemons,  # noqa: F811
+def test_a_named_empty_credential_is_a_config_error_not_a_restart_loop(tiny_full_bundle, mqtt_broker, daemons,
                                                                         tmp_path):
     wav = _wav(tmp_path / "a.wav", 3.0)
     cfg = _config(tmp_path, tiny_full_bundle, mqtt_broker.port,

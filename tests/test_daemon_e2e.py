@@ -106,20 +106,6 @@ class Daemon:
             self.proc.wait()
 
 
-@pytest.fixture
-def daemons():
-    started = []
-
-    def start(*args, **kw) -> Daemon:
-        d = Daemon(*args, **kw)
-        started.append(d)
-        return d
-
-    yield start
-    for d in started:
-        d.kill()
-
-
 def _until(pred, timeout: float, what: str, daemon: Daemon | None = None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

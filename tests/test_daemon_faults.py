@@ -9,28 +9,14 @@ import signal
 import sqlite3
 import time
 
-import pytest
 import yaml
 from disk_faults import fill_disk
 from mqtt_broker import Subscriber
-from test_daemon_e2e import FAKE_SD_DIR, PROMPTS, Daemon, NotifySocket, _config, _until, _wav
+from test_daemon_e2e import FAKE_SD_DIR, PROMPTS, NotifySocket, _config, _until, _wav
 from test_outbox import make_events
 from test_outbox_faults import LockHolder
 
 from edge.outbox import Outbox
-
-
-@pytest.fixture
-def daemons():
-    started = []
-
-    def start(*args, **kw) -> Daemon:
-        started.append(Daemon(*args, **kw))
-        return started[-1]
-
-    yield start
-    for d in started:
-        d.kill()
 
 
 def _no_model_config(tmp_path, state_dir, **over):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mqtt_broker import Subscriber
-from test_daemon_e2e import _config, _wav, daemons  # noqa: F401 - the fixture
+from test_daemon_e2e import _config, _wav
 
 from edge.config import BundleConfig
 from edge.gpu_check import Probe, expects_gpu, fallback_reason, probe_nodes
@@ -35,7 +35,7 @@ def _needs_cpu_only_machine():
                             "CUDAExecutionProvider")),
     ({"provider": "auto", "expect_gpu": True}, "onnxruntime has no GPU provider ("),
 ])
-def test_gpu_board_on_the_cpu_is_degraded(tiny_full_bundle, mqtt_broker, daemons, tmp_path,  # noqa: F811
+def test_gpu_board_on_the_cpu_is_degraded(tiny_full_bundle, mqtt_broker, daemons, tmp_path,
                                           bundle_over, expect):
     _needs_cpu_only_machine()
     wav = _wav(tmp_path / "a.wav", 4.0)
@@ -69,7 +69,7 @@ def test_gpu_board_on_the_cpu_is_degraded(tiny_full_bundle, mqtt_broker, daemons
     sub.close()
 
 
-def test_cpu_board_stays_online(tiny_full_bundle, mqtt_broker, daemons, tmp_path):  # noqa: F811
+def test_cpu_board_stays_online(tiny_full_bundle, mqtt_broker, daemons, tmp_path):
     """provider cpu (a board without a GPU, not a Jetson): the CPU is what was asked for, nothing is degraded."""
     if Path("/etc/nv_tegra_release").exists():
         pytest.skip("a Jetson expects its GPU")

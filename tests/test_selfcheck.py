@@ -15,7 +15,7 @@ import pytest
 import yaml
 from mqtt_broker import Subscriber
 from onnx import numpy_helper
-from test_daemon_e2e import ROOT, Daemon, _config, _until, _wav
+from test_daemon_e2e import ROOT, _config, _until, _wav
 
 from edge.bundle import load_bundle, update_manifest
 from edge.cpu import cpu_info, int8_kernel, u8s8_saturates
@@ -67,19 +67,6 @@ def _degrade_int8(bundle_dir, levels: int = 4) -> None:
     assert changed, "no int8 weight matrix found to degrade"
     onnx.save(model, str(path))
     update_manifest(bundle_dir, "audio", {}, files=[path.name])  # the hash is valid again: only accuracy is wrong
-
-
-@pytest.fixture
-def daemons():
-    started = []
-
-    def start(*args, **kw) -> Daemon:
-        started.append(Daemon(*args, **kw))
-        return started[-1]
-
-    yield start
-    for d in started:
-        d.kill()
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ from edge.cpu import cpu_line
 from edge.encoder import AudioEncoder
 from edge.llm import EngineOptions, LlmEngine, Prompt
 from edge.synth import birdsong
+from quantize.quality import _prefix_share
 
 RATES = (16000, 32000, 44100, 48000)
 CLIPS = (0, 1)
@@ -98,17 +99,6 @@ def compute_reference(tiny_model) -> dict:
                 "tokens": [i for i in tokens if i not in ref.llm.stop_ids],
             }
     return out
-
-
-def _prefix_share(got, want) -> float:
-    if not want:
-        return 1.0 if not got else 0.0
-    n = 0
-    for a, b in zip(got, want):
-        if a != b:
-            break
-        n += 1
-    return n / len(want)
 
 
 def device_embeddings(bundle_dir: Path, precision: str, clips) -> dict:
