@@ -18,6 +18,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 from transformers import AutoTokenizer, LlamaForCausalLM
@@ -326,3 +327,20 @@ class ReferenceLLM:
         yes_id, no_id = self.single_token_id("Yes"), self.single_token_id("No")
         logits = self.next_token_logits(audio_embeds, question).to(torch.float64)
         return float(torch.sigmoid(logits[yes_id] - logits[no_id]).item())
+
+    def label_shares(self, audio_embeds: torch.Tensor, question: str, labels: Sequence[str]) -> np.ndarray:
+        """The label kind's scores: log P(label tokens + a stop token | prompt) per label, softmax over the labels
+        (float64). Any of the stop tokens may end the label, so their probabilities are summed."""
+        totals = []
+        with torch.no_grad():
+            prompt = self.prompt_embeds(audio_embeds, question)
+            table = self.model.get_input_embeddings()
+            n = prompt.shape[0]
+            for label in labels:
+                ids = self.tokenizer(label, add_special_tokens=False)["input_ids"]
+                x = torch.cat([prompt, table(torch.tensor(ids))])[None]
+                logp = torch.log_softmax(self.model(inputs_embeds=x).logits[0].double(), dim=-1)
+                total = sum(float(logp[n - 1 + j, t]) for j, t in enumerate(ids))
+                total += float(torch.logsumexp(logp[n - 1 + len(ids), list(self.stop_ids)], dim=0))
+                totals.append(total)
+        return torch.softmax(torch.tensor(totals, dtype=torch.float64), dim=0).numpy()

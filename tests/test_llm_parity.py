@@ -137,19 +137,7 @@ def test_label_scores_match_reference(f32_engine, tiny_reference_llm):
     a = audio(5)
     f32_engine.set_audio(a)
     got = f32_engine.ask(Prompt(id="species", kind="label", question=q, labels=labels))
-    totals = []
-    with torch.no_grad():
-        prompt = ref.prompt_embeds(torch.from_numpy(a), q)
-        table = ref.model.get_input_embeddings()
-        for label in labels:
-            ids = ref.tokenizer(label, add_special_tokens=False)["input_ids"]
-            x = torch.cat([prompt, table(torch.tensor(ids))])[None]
-            logp = torch.log_softmax(ref.model(inputs_embeds=x).logits[0].double(), dim=-1)
-            n = prompt.shape[0]
-            total = sum(float(logp[n - 1 + j, t]) for j, t in enumerate(ids))
-            total += float(torch.logsumexp(logp[n - 1 + len(ids), list(ref.stop_ids)], dim=0))
-            totals.append(total)
-    shares = torch.softmax(torch.tensor(totals, dtype=torch.float64), dim=0).numpy()
+    shares = ref.label_shares(torch.from_numpy(a), q, labels)
     np.testing.assert_allclose([got.scores[lab] for lab in labels], shares, atol=1e-5)
     assert got.text == labels[int(np.argmax(shares))]
 

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from edge.bundle import load_bundle
 from edge.cpu import cpu_line
@@ -59,23 +58,6 @@ def _clip(seed: int, rate: int) -> np.ndarray:
     return np.clip(x, -1, 1).astype(np.float32)
 
 
-def _reference_label_shares(ref_llm, emb: torch.Tensor) -> np.ndarray:
-    """The label kind's scores on the reference: log P(label tokens + a stop | prompt), normalised over the labels."""
-    totals = []
-    with torch.no_grad():
-        prompt = ref_llm.prompt_embeds(emb, LABEL_Q)
-        table = ref_llm.model.get_input_embeddings()
-        for label in LABELS:
-            ids = ref_llm.tokenizer(label, add_special_tokens=False)["input_ids"]
-            x = torch.cat([prompt, table(torch.tensor(ids))])[None]
-            logp = torch.log_softmax(ref_llm.model(inputs_embeds=x).logits[0].double(), dim=-1)
-            n = prompt.shape[0]
-            total = sum(float(logp[n - 1 + j, t]) for j, t in enumerate(ids))
-            total += float(torch.logsumexp(logp[n - 1 + len(ids), list(ref_llm.stop_ids)], dim=0))
-            totals.append(total)
-    return torch.softmax(torch.tensor(totals, dtype=torch.float64), dim=0).numpy()
-
-
 @pytest.fixture(scope="module")
 def reference_answers(tiny_model) -> dict:
     return compute_reference(tiny_model)
@@ -95,7 +77,7 @@ def compute_reference(tiny_model) -> dict:
             tokens = ref.llm.generate_beam(emb, OPEN_Q, num_beams=2, max_new_tokens=MAX_TOKENS)
             out[(seed, rate)] = {
                 "p_yes": ref.llm.yes_no_score(emb, YES_NO),
-                "labels": _reference_label_shares(ref.llm, emb),
+                "labels": ref.llm.label_shares(emb, LABEL_Q, LABELS),
                 "tokens": [i for i in tokens if i not in ref.llm.stop_ids],
             }
     return out
