@@ -77,7 +77,7 @@ class CheckResult:
         d = {k: getattr(self, k) for k in ("precision", "provider", "passed", "mean_cosine", "min_cosine",
                                             "max_abs_error", "reference_max_abs", "finite", "tolerance", "failure",
                                             "cpu")}
-        return _finite(d)
+        return json_safe(d)
 
 
 def compare(candidate: np.ndarray, reference: np.ndarray) -> dict:
@@ -176,7 +176,7 @@ def check_encoder(encoder, state_dir: Path | None = None, use_cache: bool = True
         if use_cache and cache.is_file():
             try:
                 d = json.loads(cache.read_text())
-                if d.get("tolerance") == _finite(tolerance):
+                if d.get("tolerance") == json_safe(tolerance):
                     return CheckResult(**{**d, "cached": True})
             except (OSError, ValueError, TypeError):
                 logger.info("%s: unreadable self-check cache, checking again", cache)
@@ -207,13 +207,10 @@ def check_encoder(encoder, state_dir: Path | None = None, use_cache: bool = True
     return result
 
 
-def _finite(d: dict) -> dict:
-    """JSON has no infinity or NaN: such figures become null."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, float) and not math.isfinite(v):
-            v = None
-        elif isinstance(v, dict):
-            v = _finite(v)
-        out[k] = v
-    return out
+def json_safe(d):
+    """Strict JSON (manifest, cache): infinities and NaN (a broken graph's figures) become null, at any depth."""
+    if isinstance(d, dict):
+        return {k: json_safe(v) for k, v in d.items()}
+    if isinstance(d, float) and not math.isfinite(d):
+        return None
+    return d

@@ -185,7 +185,7 @@ def verify(path: Path, precision: str, inputs: dict, references: dict) -> dict:
     the figure a device measures at start mean the same thing. The CPU features and int8 kernel path are recorded with
     it: a reduced-precision figure holds for that path only."""
     from edge.cpu import cpu_info
-    from edge.selfcheck import compare, judge
+    from edge.selfcheck import compare, json_safe, judge
 
     sess = _session(path)
     per_input, measured = {}, []
@@ -214,16 +214,7 @@ def verify(path: Path, precision: str, inputs: dict, references: dict) -> dict:
     }
     if j["failure"]:
         result["failure"] = j["failure"]
-    return _json_safe(result)
-
-
-def _json_safe(d):
-    """Strict JSON for the manifest: infinities and NaN (a broken graph's figures) become null."""
-    if isinstance(d, dict):
-        return {k: _json_safe(v) for k, v in d.items()}
-    if isinstance(d, float) and not math.isfinite(d):
-        return None
-    return d
+    return json_safe(result)
 
 
 # --- the three graphs ---------------------------------------------------------------------------------------------
