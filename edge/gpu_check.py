@@ -146,8 +146,8 @@ def fallback_reason(bundle_cfg, info: dict, p: Probe, opened_error: str | None =
     """Why a board that should use the GPU runs (part of) the model on the CPU; None when it does not.
 
     What counts: the audio encoder on the CPU unless bundle.provider is cpu or the precision is int8 (the CPU's
-    dynamically quantized graph, which runs on the CPU by design; int8-qdq is the GPU's); the LLM not (fully) offloaded unless
-    bundle.n_gpu_layers is 0. info: the pipeline's info (encoder_provider; llm_offload as configured; where the
+    dynamically quantized graph, which runs on the CPU by design; int8-qdq is the GPU's); the LLM not (fully)
+    offloaded unless bundle.n_gpu_layers is 0. info: the pipeline's info (encoder_provider; llm_offload as configured; where the
     engine reports it, llm_gpu_layers "N/M" layers offloaded). opened_error: the error that made the daemon reopen
     the model on the CPU."""
     where = []
