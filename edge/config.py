@@ -747,6 +747,16 @@ def _prompts(top: _Section, origin: str, base_dir: Path) -> tuple:
     return ()
 
 
+#: llama.cpp's sequence limit (edge/llm.py LLAMA_MAX_SEQ; not imported: the config stays free of the engine).
+LLAMA_MAX_SEQ = 256
+
+
+def llm_sequences(batch_max: int, prompts) -> int:
+    """The LLM's sequences for these prompts: each window's base, plus the most beams a beam-searched prompt uses."""
+    widths = [p.num_beams or 2 for p in prompts if p.kind in ("open", "caption")]
+    return batch_max * (1 + max((w for w in widths if w > 1), default=0))
+
+
 def _read(path: Path, origin: str, data, base_dir: Path, env) -> Config:
     top = _Section(origin, data, "", base_dir)
 
@@ -762,6 +772,10 @@ def _read(path: Path, origin: str, data, base_dir: Path, env) -> Config:
     windowing = _windowing(top.sub("windowing"), origin, base_dir)
 
     prompts = _prompts(top, origin, base_dir)
+    sequences = llm_sequences(windowing.batch_max, prompts)
+    if sequences > LLAMA_MAX_SEQ and top.ok("prompts"):
+        top.fail("windowing.batch_max", f"{windowing.batch_max} windows x (1 + the prompts' beams) = {sequences} "
+                              f"llama.cpp sequences, more than its {LLAMA_MAX_SEQ}: lower batch_max or num_beams")
 
     mqtt = _mqtt(top.sub("mqtt", required=True))
 

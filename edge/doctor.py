@@ -330,8 +330,19 @@ def _meminfo() -> dict[str, int]:
     return out
 
 
-def model_memory(bundle, quantization: str | None, precision: str) -> tuple[int, str]:
-    """Bytes the bundle needs resident (model files + KV cache upper bound + runtime overhead), and the sum as text."""
+def kv_sequences(cfg) -> int:
+    """The LLM's KV streams for this config: batch_max windows, each with its base sequence and the beams of its
+    beam-searched prompts (edge/llm.py); 1 + upstream's 2 beams without a config."""
+    from edge.config import llm_sequences
+
+    if cfg is None:
+        return 3
+    return llm_sequences(int(cfg.windowing.batch_max), cfg.prompts)
+
+
+def model_memory(bundle, quantization: str | None, precision: str, sequences: int = 1) -> tuple[int, str]:
+    """Bytes the bundle needs resident (model files + KV cache upper bound + runtime overhead), and the sum as text.
+    sequences: KV streams the LLM opens (windows x (1 + beams), edge/llm.py), each of at most the manifest's n_ctx."""
     llm = bundle.manifest.get("llm", {})
     audio = bundle.manifest.get("audio", {})
     files = bundle.manifest.get("files", {})
@@ -342,7 +353,7 @@ def model_memory(bundle, quantization: str | None, precision: str) -> tuple[int,
     enc_bytes = int(files.get(enc_file, {}).get("size") or 0)
     # The manifest gives n_embd, not the KV heads: n_embd per layer and position is the bound without grouped-query
     # attention (Llama 3.1 8B needs a quarter of it: 8 of 32 heads).
-    kv = int(llm.get("n_ctx") or 0) * int(llm.get("n_layer") or 0) * 2 * int(llm.get("n_embd") or 0) * 2
+    kv = int(llm.get("n_ctx") or 0) * int(llm.get("n_layer") or 0) * 2 * int(llm.get("n_embd") or 0) * 2 * sequences
     need = llm_bytes + enc_bytes + kv + RUNTIME_OVERHEAD_BYTES
     text = (f"LLM {qtype} {_gib(llm_bytes)} + encoder {precision} {_gib(enc_bytes)} + KV cache <= {_gib(kv)} + "
             f"runtime ~{_gib(RUNTIME_OVERHEAD_BYTES)} = {_gib(need)}")
@@ -359,7 +370,7 @@ def check_memory(bundle, cfg) -> Check:
         return Check("memory", PASS, f"{text} (give --bundle or --config to compare with a bundle)")
     quant = cfg.bundle.quantization if cfg is not None else None
     precision = cfg.bundle.encoder_precision if cfg is not None else "fp32"
-    need, parts = model_memory(bundle, quant, precision)
+    need, parts = model_memory(bundle, quant, precision, kv_sequences(cfg))
     if need > total:
         return Check("memory", FAIL, f"{text}; the bundle needs ~{_gib(need)} ({parts}): choose a smaller "
                                      "quantization (docs/jetson.md)")

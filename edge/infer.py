@@ -470,8 +470,8 @@ def register(sub) -> None:
     p.add_argument("--exclude", action="append", metavar="GLOB", help="in folders, leave out matches (repeatable)")
     p.add_argument("--batch", type=int, default=1, metavar="B",
                    help="windows per model call: B windows through the audio encoder at once and through the LLM "
-                        "together (its KV cache holds B windows). Scores within 2e-2 of B=1 (f16 KV cache), so a "
-                        "near-tie of two tokens can flip in generated text (README: A season of recordings)")
+                        "together (its KV cache holds B windows). The same answers as B=1: decisions and tokens "
+                        "identical, scores within 1e-4 (README: A season of recordings)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="N worker processes on this machine (or N Ray actors with --ray), each with its own model "
                         "and cores//N threads; outputs identical to one process")

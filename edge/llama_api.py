@@ -32,6 +32,7 @@ FUNCTIONS = {
     "llama_init_from_model": 2,
     "llama_free": 1,
     "llama_n_seq_max": 1,
+    "llama_n_ctx_seq": 1,
     "llama_get_memory": 1,
     "llama_memory_clear": 2,
     "llama_memory_seq_rm": 4,

@@ -6,7 +6,7 @@ drops KV entries past its own count), while NatureLM's prompt puts the audio as 
 and every prompt of a window should reuse one decoded audio prefix. The functions and struct fields used here are
 checked once against the installed bindings (edge/llama_api.py).
 
-One window lives in a *slot*: a base llama.cpp sequence plus MAX_BEAMS beam sequences, at consecutive positions:
+One window lives in a *slot*: a base llama.cpp sequence plus up to `max_beams` beam sequences:
 
     BOS  <|start_header_id|>user<|end_header_id|>\\n\\n<Audio>  [audio rows]      <- the prefix: decoded once
     </Audio> QUESTION<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n   <- each prompt's suffix
@@ -14,19 +14,24 @@ One window lives in a *slot*: a base llama.cpp sequence plus MAX_BEAMS beam sequ
 
 After a prompt, `llama_memory_seq_rm(base, from P)` drops its suffix and answer, and the next prompt starts from the
 prefix still in the KV cache: K prompts cost one prefix prefill plus K suffixes, never K audio prefills. Beams are
-sequences too: `llama_memory_seq_cp` gives each beam the prompt's cells (the KV cache is unified, so a copy shares the
-cells rather than duplicating them), a beam that survives keeps its sequence, a second child of one parent gets a
-dropped beam's sequence, cleared and copied from the parent. Every piece of the prompt (BOS, the texts around the
-audio, the stop tokens) comes from the bundle's manifest, and the token ids it records are checked against this GGUF's
-own tokenizer when the engine opens.
+sequences too: `llama_memory_seq_cp` gives each beam a copy of the prompt's KV, a beam that survives keeps its
+sequence, a second child of one parent gets a dropped beam's sequence, cleared and copied from the parent. Every piece
+of the prompt (BOS, the texts around the audio, the stop tokens) comes from the bundle's manifest, and the token ids it
+records are checked against this GGUF's own tokenizer when the engine opens.
 
-Batches of windows (`answer_windows`): up to `EngineOptions.max_batch` windows sit in as many slots of one context
-(n_seq_max = max_batch * (1 + MAX_BEAMS), KV cache max_batch * n_ctx cells). Their BOS and header tokens are decoded
-once and shared, their audio rows go in one llama_batch, each prompt's suffixes in one batch, and every open answer
-(greedy or beam) advances one token per batch, together. One window (`run_window`, `set_audio` + `ask`) is the same
-code with one slot. The answers are the same as one window at a time: the same decisions and tokens. Logits are not
-bit-identical: llama.cpp's matrix kernels sum in an order that depends on how many rows a batch has, and a window's
-cells sit elsewhere in a bigger cache, so rows differ in the last bits (tests/test_llm_batch.py bounds it).
+Each sequence has its own KV stream of n_ctx cells (llama.cpp's `kv_unified = false`), sized to the prompts the engine
+is opened for (EngineOptions.prompts): a window takes (1 + beams) x n_ctx cells, where beams is the most any of its
+beam-searched prompts uses (0 for yes/no, label, count and greedy prompts).
+
+Batches of windows (`answer_windows`): up to `EngineOptions.max_batch` windows sit in as many slots of one context.
+Their BOS and header tokens are decoded once and copied, their audio rows go in one llama_batch, each prompt's
+suffixes in one batch, and every open answer (greedy or beam) advances one token per batch, together. One window
+(`run_window`, `set_audio` + `ask`) is the same code with one slot. The answers are bit for bit those of one window at
+a time: the same tokens, the same logits. Two things make it so, both measured: ggml's matrix products give each row
+the same sums whatever other rows share the batch (the CPU kernels of F32, F16, Q8_0 and Q4_K_M, repacked or not), and
+with one KV stream per sequence a window's attention reads its own cells at the same places as alone (in one shared
+pool its cells sit elsewhere and attention's sums round differently: yes/no scores moved by up to 3e-2 and beams
+changed at Q4_K_M). tests/test_llm_batch.py checks equality, not closeness.
 
 Prompt kinds (the answer always starts right after the assistant header, where the reference's answers start):
 - `yes_no`: one forward pass; P(Yes) / (P(Yes) + P(No)) from the logits of the "Yes" and "No" tokens
@@ -73,8 +78,12 @@ PROMPT_KINDS = ("yes_no", "label", "open", "caption", "count")
 DEFAULT_MAX_NEW_TOKENS = {"open": 64, "caption": 128, "count": 3}
 #: Beams when a prompt gives none: upstream's configs/inference.yml decodes with num_beams 2.
 DEFAULT_NUM_BEAMS = {"open": 2, "caption": 2}
-#: Beam sequences each window's slot has in the llama.cpp context (n_seq_max = max_batch * (1 + MAX_BEAMS)).
+#: The most beams a prompt may ask for.
 MAX_BEAMS = 8
+#: Beam sequences a window gets when the engine is not told its prompts (upstream's num_beams).
+DEFAULT_BEAMS = 2
+#: llama.cpp rounds each sequence's KV cells up to this (its KV padding; the graph keeps its shape across steps).
+KV_CELL_ROUND = 256
 #: llama.cpp's LLAMA_MAX_SEQ (src/llama-cparams.h).
 LLAMA_MAX_SEQ = 256
 KV_CACHE_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type
@@ -97,20 +106,36 @@ class EngineOptions:
 
     model_type: str | None = None  # which of the bundle's GGUFs (e.g. "Q4_K_M"); None: the manifest's default_model
     n_gpu_layers: int | None = None  # None or -1: all layers (n_layer + 1) when llama.cpp can offload, else 0
-    n_ctx: int | None = None  # per window; None: the manifest's n_ctx
+    n_ctx: int | None = None  # KV cells of each sequence (a window's base, each beam); None: see LlmEngine
     n_threads: int | None = None  # None: the CPU cores this process may use
     kv_cache_type: str = "f16"  # "f16", "f32" (exact; parity tests), "q8_0" (half the KV memory)
     flash_attn: bool | None = None  # None: llama.cpp decides
     lora_scale: float | None = None  # runtime LoRA scale for adapter bundles; None: the manifest's merging_alpha
-    max_batch: int = 1  # windows answer_windows runs together (KV cache: max_batch * n_ctx cells)
+    max_batch: int = 1  # windows answer_windows runs together
+    max_beams: int | None = None  # beam sequences per window; None: the most `prompts` use, else DEFAULT_BEAMS
+    prompts: tuple = ()  # the Prompts this engine will answer, if known: the KV cache is sized to them
 
     def __post_init__(self):
         if self.kv_cache_type not in KV_CACHE_TYPES:
             raise ConfigError(f"kv_cache_type {self.kv_cache_type!r}: choose one of {', '.join(KV_CACHE_TYPES)}")
-        limit = LLAMA_MAX_SEQ // (1 + MAX_BEAMS)
+        if self.max_beams is not None and not 0 <= self.max_beams <= MAX_BEAMS:
+            raise ConfigError(f"max_beams {self.max_beams}: must be 0..{MAX_BEAMS}")
+        per_window = 1 + self.beam_sequences
+        limit = LLAMA_MAX_SEQ // per_window
         if not 1 <= self.max_batch <= limit:
             raise ConfigError(f"max_batch {self.max_batch}: must be 1..{limit} (llama.cpp holds at most "
-                              f"{LLAMA_MAX_SEQ} sequences, {1 + MAX_BEAMS} per window)")
+                              f"{LLAMA_MAX_SEQ} sequences, {per_window} per window with {self.beam_sequences} "
+                              "beams)")
+
+    @property
+    def beam_sequences(self) -> int:
+        """Beam sequences each window gets: the most any beam-searched prompt needs (a prompt answered greedily or
+        scored needs none)."""
+        if self.max_beams is not None:
+            return self.max_beams
+        if self.prompts:
+            return max((p.beams for p in self.prompts if p.decoding == "beam"), default=0)
+        return DEFAULT_BEAMS
 
 
 @dataclass(frozen=True)
@@ -369,14 +394,18 @@ class _Batch:
 
 @dataclass
 class _Slot:
-    """One window's place in the context: its base sequence (prefix, suffix, greedy answers) and beam sequences."""
+    """One window's place in the context: its base sequence (prefix, suffix, greedy answers) and beam sequences.
+    Ids are role-major: window w of max_batch has base w and beams max_batch * (1 + j) + w, so the same role of
+    neighbouring windows has consecutive ids and llama.cpp decodes them in one ubatch (it groups only consecutive
+    sequence ids when each has its own KV stream)."""
 
     base: int
+    beams: list[int]
     n_prefix: int | None = None
 
     @property
     def beam_seqs(self) -> list[int]:
-        return list(range(self.base + 1, self.base + 1 + MAX_BEAMS))
+        return list(self.beams)
 
 
 @dataclass
@@ -405,7 +434,7 @@ class LlmEngine:
     """
 
     def __init__(self, model_path: Path, llm: Mapping, *, adapter_path: Path | None = None,
-                 options: EngineOptions | None = None, model_type: str = "?"):
+                 options: EngineOptions | None = None, model_type: str = "?", audio_rows: int | None = None):
         self.options = opts = options or EngineOptions()
         self.model_path = Path(model_path)
         self.model_type = model_type
@@ -434,19 +463,31 @@ class LlmEngine:
             raise BundleError(f"{self.model_path}: n_embd {self.n_embd} / n_vocab {self.n_vocab}, but the manifest "
                               f"says {llm['n_embd']} / {llm['n_vocab']}")
 
-        self.n_ctx = int(opts.n_ctx or llm["n_ctx"])
+        self._check_tokens()  # the vocabulary is loaded with the model; the context's size depends on the prompts
+        self._suffix_cache: dict[str, list[int]] = {}
+        self._label_cache: dict[str, list[int]] = {}
+        self._digits: np.ndarray | None = None
+
         self.max_batch = int(opts.max_batch)
-        kv_cells = self.n_ctx * self.max_batch
-        self._n_batch = min(kv_cells, 8192)
+        self.max_beams = opts.beam_sequences
+        self._audio_rows = int(audio_rows) if audio_rows else None
+        self._manifest_n_ctx = int(llm["n_ctx"])
+        self.n_ctx = self._cells_per_sequence(opts, self._manifest_n_ctx, audio_rows)
+        n_seq = self.max_batch * (1 + self.max_beams)
+        self._n_batch = min(self.n_ctx * self.max_batch, 8192)
         threads = int(opts.n_threads or _usable_cpus())
         cp = lib.llama_context_default_params()
-        cp.n_ctx = kv_cells
+        cells = -(-self.n_ctx // KV_CELL_ROUND) * KV_CELL_ROUND
+        cp.n_ctx = cells * n_seq
         cp.n_batch = self._n_batch
         cp.n_ubatch = min(512, self._n_batch)
-        cp.n_seq_max = self.max_batch * (1 + MAX_BEAMS)
-        # One pool of cells for every sequence: a beam's copy of the prompt shares its cells instead of copying them,
-        # and each window may use n_ctx cells wherever they are free.
-        cp.kv_unified = True
+        cp.n_seq_max = n_seq
+        # One KV stream per sequence, not one pool for all: attention then reads a window's cells at the same places
+        # whatever else is in the batch, so a window's answers are bit for bit those of the one-window path (in one
+        # pool they sit elsewhere, and the sums over the cache round differently: scores moved by up to 3e-2 and
+        # beams changed at Q4_K_M). llama.cpp puts consecutive sequence ids of a batch into one ubatch, so sequence
+        # ids are laid out role-major (see _Slot) and _decode sorts its rows by sequence.
+        cp.kv_unified = False
         cp.n_threads = threads
         cp.n_threads_batch = threads
         cp.type_k = cp.type_v = KV_CACHE_TYPES[opts.kv_cache_type]
@@ -455,10 +496,15 @@ class LlmEngine:
         cp.no_perf = True
         self._ctx = lib.llama_init_from_model(self._model, cp)
         if not self._ctx:
-            raise NatureLMEdgeError(f"{self.model_path}: llama.cpp could not create a context of {kv_cells} "
-                                    "tokens (out of memory? try a smaller n_ctx or max_batch)")
+            raise NatureLMEdgeError(f"{self.model_path}: llama.cpp could not create a context of {n_seq} x "
+                                    f"{self.n_ctx} cells (out of memory? try a smaller n_ctx or max_batch)")
+        got = int(lib.llama_n_ctx_seq(self._ctx))
+        if got < self.n_ctx:
+            raise NatureLMEdgeError(f"{self.model_path}: llama.cpp gave each sequence {got} KV cells, not "
+                                    f"{cells}")
         self._mem = lib.llama_get_memory(self._ctx)
-        self._slots = [_Slot(base=i * (1 + MAX_BEAMS)) for i in range(self.max_batch)]
+        self._slots = [_Slot(base=w, beams=[(1 + j) * self.max_batch + w for j in range(self.max_beams)])
+                       for w in range(self.max_batch)]
 
         self.adapter_path = Path(adapter_path) if adapter_path else None
         self._adapter = None
@@ -478,14 +524,45 @@ class LlmEngine:
 
         self._tok_batch = _Batch(lib, self._n_batch)
         self._embd_batch = None
-        self._check_tokens()
-        self._suffix_cache: dict[str, list[int]] = {}
-        self._label_cache: dict[str, list[int]] = {}
-        self._digits: np.ndarray | None = None
         self.prefix_ms = 0.0
-        logger.info("LLM %s: %s, n_ctx %d x %d windows, %d threads, GPU layers %s%s", model_type,
-                    self.model_path.name, self.n_ctx, self.max_batch, threads, self.offload_text,
-                    f", LoRA adapter at scale {self.lora_scale}" if self._adapter else "")
+        logger.info("LLM %s: %s, %d window(s) x (1 + %d beams) sequences of %d KV cells, %d threads, GPU layers "
+                    "%s%s", model_type, self.model_path.name, self.max_batch, self.max_beams, self.n_ctx, threads,
+                    self.offload_text, f", LoRA adapter at scale {self.lora_scale}" if self._adapter else "")
+
+    def _cells_per_sequence(self, opts: EngineOptions, manifest_n_ctx: int, audio_rows: int | None) -> int:
+        """Positions each sequence may use: EngineOptions.n_ctx as given; else, when the engine knows its prompts and
+        the audio's row count, what the longest of them needs (prefix, question, answer) rounded up to the cells
+        llama.cpp allocates anyway (KV_CELL_ROUND), capped by the manifest's n_ctx; else the manifest's n_ctx."""
+        if opts.n_ctx:
+            return int(opts.n_ctx)
+        if opts.prompts and audio_rows:
+            need = max(self.cells_needed(p, int(audio_rows)) for p in opts.prompts)
+            return min(manifest_n_ctx, -(-need // KV_CELL_ROUND) * KV_CELL_ROUND)
+        return manifest_n_ctx
+
+    def cells_needed(self, prompt: Prompt, audio_rows: int) -> int:
+        """Positions one window's prompt takes: the prefix with `audio_rows` rows, the question, the longest answer."""
+        if prompt.kind == "label":
+            answer = max(len(self._label_ids(label)) for label in prompt.labels)
+        elif prompt.kind == "yes_no":
+            answer = 0
+        else:
+            answer = prompt.new_tokens
+        return len(self._prefix_ids) + audio_rows + len(self.suffix_ids(prompt.question)) + answer
+
+    def check_prompts(self, prompts: Sequence[Prompt]) -> None:
+        """Refuse, naming the prompt, one this engine's context cannot answer as asked: more beams than it holds per
+        window, or, when its context was sized to other prompts, a longer one (a new engine is needed: restart).
+        With the manifest's full n_ctx, an answer too long for it is cut there, as always."""
+        for prompt in prompts:
+            if prompt.decoding == "beam" and prompt.beams > self.max_beams:
+                raise ConfigError(f"prompt {prompt.id!r} asks for {prompt.beams} beams but the LLM was opened with "
+                                  f"{self.max_beams} per window: restart to open it for these prompts")
+            if self._audio_rows and self.n_ctx < self._manifest_n_ctx:
+                need = min(self.cells_needed(prompt, self._audio_rows), self._manifest_n_ctx)
+                if need > self.n_ctx:
+                    raise ConfigError(f"prompt {prompt.id!r} needs {need} positions but the LLM was opened with "
+                                      f"{self.n_ctx} for its first prompts: restart to open it for these prompts")
 
     @property
     def offload_text(self) -> str:
@@ -505,7 +582,9 @@ class LlmEngine:
         path = bundle.file(models[model_type]["file"])
         lora = llm.get("lora") or {}
         adapter = bundle.file(lora["adapter_file"]) if lora.get("mode") == "adapter" else None
-        return cls(path, llm, adapter_path=adapter, options=options, model_type=model_type)
+        audio = bundle.manifest.get("audio") or {}
+        return cls(path, llm, adapter_path=adapter, options=options, model_type=model_type,
+                   audio_rows=audio.get("embeddings_per_clip"))
 
     # -----------------------------------------------------------------------------------------------------------------
     # Lifetime
@@ -672,6 +751,18 @@ class LlmEngine:
             want = np.ones(n, dtype=bool)
         else:
             want = np.asarray(logits, dtype=bool)
+        # Rows by ascending sequence (a sequence's rows keep their order): llama.cpp fills a ubatch with a run of
+        # consecutive sequence ids in batch order, so unsorted rows would split into more ubatches (the same numbers,
+        # more passes over the weights). The logits come back in the caller's order.
+        order = np.argsort(seqs, kind="stable")
+        if not np.array_equal(order, np.arange(n)):
+            seqs, pos, want = seqs[order], pos[order], want[order]
+            if embd is not None:
+                embd = np.asarray(embd)[order]
+            else:
+                tokens = np.asarray(tokens)[order]
+            got = self._decode(seqs, pos, tokens=tokens, embd=embd, logits=want)
+            return got[np.argsort(order[want], kind="stable")]
         if embd is not None:
             cap = min(n, self._n_batch)
             if self._embd_batch is None or self._embd_batch.capacity < cap:
@@ -789,6 +880,7 @@ class LlmEngine:
         return self._ask_many(prompt, self._slots[:1])[0]
 
     def _ask_many(self, prompt: Prompt, slots: Sequence[_Slot]) -> list[Answer]:
+        self.check_prompts([prompt])
         opens = self._start(prompt.question, self._reserve(prompt), slots)
         if prompt.kind == "yes_no":
             return [self._yes_no(prompt, o) for o in opens]
@@ -930,7 +1022,7 @@ class LlmEngine:
     def _reseat(self, slot: _Slot, parent_seqs: list[int] | None, chosen: list[tuple[int, int]]) -> list[int]:
         """Give each chosen (parent, token) beam a sequence holding its parent's cells. parent_seqs None: the parent
         is the prompt on the slot's base sequence. A parent's first child keeps the parent's sequence; another child
-        gets a sequence no beam runs on now, cleared and copied from the parent (shared cells, no KV copied)."""
+        gets a sequence no beam runs on now, given a copy of the parent's KV stream."""
         if parent_seqs is None:
             seqs = slot.beam_seqs[:len(chosen)]
             for s in seqs:
@@ -958,10 +1050,9 @@ class LlmEngine:
         width = prompt.beams
         searches = []
         for o in opens:
-            # Every beam may hold up to max_new cells of its own: the window's n_ctx bounds them all together.
-            max_new = min(prompt.new_tokens, (self.n_ctx - o.end) // width)
+            max_new = min(prompt.new_tokens, self.n_ctx - o.end)  # each beam has a sequence of n_ctx cells
             if max_new < 1:
-                raise ConfigError(f"prompt {prompt.question!r}: no room for {width} beams in n_ctx {self.n_ctx}")
+                raise ConfigError(f"prompt {prompt.question!r}: no room for an answer in n_ctx {self.n_ctx}")
             searches.append(BeamSearch(width, max_new, self.stop_ids, prompt.length_penalty))
         seqs: list[list[int] | None] = [None] * len(opens)
         logits = [o.logits[None, :] for o in opens]

@@ -77,8 +77,13 @@ class Pipeline:
         }
 
     def set_prompts(self, prompts: list[PromptSpec]) -> None:
-        """Replace the prompt list (SIGHUP). Engine prompts are validated up front, so a bad list changes nothing."""
-        self._engine_prompts = {p: _engine_prompt(p) for p in prompts}
+        """Replace the prompt list (SIGHUP). Engine prompts are validated up front, so a bad list changes nothing: also
+        against the open LLM (a prompt with more beams than it was opened for needs a restart)."""
+        engine_prompts = {p: _engine_prompt(p) for p in prompts}
+        check = getattr(self.llm, "check_prompts", None)
+        if check is not None:
+            check(list(engine_prompts.values()))
+        self._engine_prompts = engine_prompts
         self.prompts = list(prompts)
 
     def _model_info(self) -> dict:
@@ -199,7 +204,9 @@ def open_pipeline(bundle_dir: Path, prompts: list[PromptSpec], *, device_id: str
     windows `process_batch` runs through the LLM together (its KV cache holds max_batch windows)."""
     bundle = load_bundle(Path(bundle_dir), verify=verify, cache_dir=state_dir)
     encoder = AudioEncoder(bundle, precision=precision, provider=provider, state_dir=state_dir, threads=threads)
+    # The LLM is opened for these prompts: its KV cache holds the beams and the context they need, no more.
     llm = LlmEngine.from_bundle(bundle, EngineOptions(model_type=quantization, n_gpu_layers=n_gpu_layers,
                                                        lora_scale=lora_scale, n_threads=llm_threads,
-                                                       max_batch=max_batch))
+                                                       max_batch=max_batch,
+                                                       prompts=tuple(_engine_prompt(p) for p in prompts)))
     return Pipeline(bundle, encoder, llm, prompts, device_id=device_id, gate=ActivityGate(gate_dbfs))

@@ -176,3 +176,27 @@ def test_sandbox_check_compares_the_dropin_with_the_board(tmp_path):
     assert doctor.check_sandbox(None, dropin, root).status == "PASS"
     assert doctor.check_board("NVIDIA Jetson AGX Orin, L4T R36.3.0").status == "WARN"
     assert "JetPack 6.0" in doctor.check_board("NVIDIA Jetson AGX Orin, L4T R36.3.0").detail
+
+
+def test_memory_counts_one_kv_stream_per_llm_sequence(tiny_full_bundle, tmp_path):
+    """The LLM opens a KV stream of n_ctx cells per sequence: batch_max windows x (1 + the most beams a prompt
+    uses). The memory bound counts them; a config whose batch would need more sequences than llama.cpp has is refused
+    at its key."""
+    from edge.bundle import load_bundle
+    from edge.config import load_config
+    from edge.errors import ConfigError
+
+    caption = {"id": "cap", "kind": "caption", "text": "Caption the audio."}  # 2 beams, as upstream
+    path = _config(tmp_path, tiny_full_bundle, 1883, windowing={"batch_max": 4},
+                   prompts=[{"id": "crow", "kind": "yes_no", "text": "Crow?"}, caption])
+    cfg = load_config(path)
+    assert doctor.kv_sequences(cfg) == 4 * 3
+    bundle = load_bundle(tiny_full_bundle)
+    one, _ = doctor.model_memory(bundle, None, "fp32", 1)
+    twelve, _ = doctor.model_memory(bundle, None, "fp32", 12)
+    llm = bundle.manifest["llm"]
+    assert twelve - one == 11 * llm["n_ctx"] * llm["n_layer"] * 2 * llm["n_embd"] * 2
+    path = _config(tmp_path, tiny_full_bundle, 1883, windowing={"batch_max": 64},
+                   prompts=[{**caption, "num_beams": 4}])
+    with pytest.raises(ConfigError, match=r"windowing\.batch_max: 64 windows x \(1 \+ the prompts' beams\) = 320"):
+        load_config(path)

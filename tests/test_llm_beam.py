@@ -22,7 +22,7 @@ from edge.errors import ConfigError
 from edge.llm import EngineOptions, LlmEngine, Prompt
 from quantize.quality import PROBE_QUESTIONS
 
-EXACT = EngineOptions(model_type="F32", kv_cache_type="f32", flash_attn=False, n_threads=1)
+EXACT = EngineOptions(model_type="F32", kv_cache_type="f32", flash_attn=False, n_threads=1, max_beams=3)
 QUESTIONS = (PROBE_QUESTIONS[0], PROBE_QUESTIONS[2], "Caption the audio.")
 SEEDS = (0, 3)
 NEW_TOKENS = 12
