@@ -338,6 +338,10 @@ def run_infer(args) -> int:
     if args.batch < 1 or args.workers < 1:
         raise ConfigError(f"--batch {args.batch} / --workers {args.workers}: both must be at least 1")
     formats = _formats(args)
+    if args.ray_address:
+        from edge.workers import check_ray_address
+
+        check_ray_address(args.ray_address)  # before anything is loaded: a wrong address is a one-line answer
     recordings = find_recordings(args.audio, args.include, args.exclude)
     if not recordings:
         raise ConfigError(f"no recordings found in {', '.join(args.audio)} (--include {args.include or 'audio'})")
@@ -477,7 +481,11 @@ def register(sub) -> None:
                         "and cores//N threads; outputs identical to one process")
     p.add_argument("--ray", action="store_true", help="run the workers as Ray actors (the `ray` extra): locally, "
                                                       "or on the cluster of --ray-address")
-    p.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (e.g. ray://head:10001 or auto)")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="join this Ray cluster: host:port of its head (`ray start --head` prints it), "
+                        "ray://host:10001 (Ray Client), or auto (the cluster started on this machine). A token-"
+                        "authenticated cluster needs RAY_AUTH_MODE=token and RAY_AUTH_TOKEN. A lost Ray worker is "
+                        "replaced; its file is left unfinished for --resume")
     p.add_argument("--embeddings", metavar="PATH.npz", help="save one pooled embedding per window with its time span")
     p.add_argument("--plot", metavar="PATH.png", help="draw the first recording's spectrogram with the answers")
     p.add_argument("--provider", default="auto", choices=["auto", "tensorrt", "cuda", "cpu"],

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -217,12 +218,58 @@ class ProcessBackend:
 
 
 RAY_HINT = "--ray needs Ray: pip install 'naturelm-edge[ray]'"
+#: Ray replaces a lost actor (its process killed, OOM, its node gone) this many times, each a fresh process that
+#: loads the model again; after that the actor stays dead and the others carry on.
+RAY_MAX_RESTARTS = 3
+#: How long a worker may wait for the cluster to place it before we say so (it keeps waiting: an autoscaler may be
+#: adding a node).
+RAY_PLACEMENT_WARN_S = 60.0
+#: How long --ray-address may take to accept a connection.
+RAY_CONNECT_TIMEOUT_S = 5.0
+
+
+def check_ray_address(address: str) -> None:
+    """Fail fast, on one line naming the address, when nothing listens there: Ray itself retries a refused or
+    unreachable address for a minute or more before giving up. `auto` and `local` are Ray's own words (the cluster
+    this machine last started; a new private one) and are left to it."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from edge.errors import ConfigError
+
+    if address in ("auto", "local"):
+        return
+    parts = urlsplit(address if "://" in address else f"//{address}")
+    if parts.scheme not in ("", "ray"):
+        raise ConfigError(f"--ray-address {address}: give host:port (the head's GCS port, 6379 by default) or "
+                          "ray://host:port (the Ray Client port, 10001 by default)")
+    try:
+        port = parts.port or (10001 if parts.scheme == "ray" else 6379)
+    except ValueError:
+        raise ConfigError(f"--ray-address {address}: the port is not a number from 0 to 65535") from None
+    host = parts.hostname
+    if not host:
+        raise ConfigError(f"--ray-address {address}: no host name")
+    try:
+        with socket.create_connection((host, port), timeout=RAY_CONNECT_TIMEOUT_S):
+            pass
+    except OSError as e:
+        reason = e.strerror or type(e).__name__  # socket.timeout has no strerror
+        raise ConfigError(f"--ray-address {address}: nothing answers at {host}:{port} ({reason}); start the head "
+                          f"there (`ray start --head --port {port}`) or check the address") from None
 
 
 class RayBackend:
-    """Ray actors, one model each, on this machine (`ray.init()`, nothing to set up) or on a cluster
+    """Ray actors, one model each, on this machine (a private `ray.init()`, nothing to set up) or on a cluster
     (`--ray-address`). Each actor streams a file's messages back as a Ray generator; the parent stays the only
-    writer. An actor that dies leaves its file unfinished in the ledger, as a local worker would."""
+    writer.
+
+    A lost actor (its process killed, out of memory, its node gone): the file it was running is reported lost,
+    stays "running" in the ledger (its lines so far stay out of the finished record) and `--resume` runs it again,
+    as for a lost local worker process. Ray restarts the actor (`max_restarts`: a new process, the model loaded
+    again) and it goes on with the files still waiting. The lost file itself is not retried (`max_task_retries=0`,
+    at-most-once): its first windows are already written, and a recording that crashes its worker (a decoder
+    fault, memory) would crash the replacement too; one loss per file, and the ledger, keep a run moving."""
 
     def __init__(self, args: PipelineArgs, workers: int, address: str | None = None, cpus_per_worker: int = 1):
         try:
@@ -233,56 +280,144 @@ class RayBackend:
             raise ConfigError(RAY_HINT) from None
         self.ray = ray
         if not ray.is_initialized():
-            # Locally: a private cluster of this machine's cores, gone with the process. The worker processes must
-            # import this package the way the driver does (a source checkout on PYTHONPATH included).
-            env = {"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}} if address is None else None
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env=env,
-                     configure_logging=False)
-        actor = ray.remote(num_cpus=cpus_per_worker)(_RayWorker)
+            if address is None:
+                # A private cluster of this machine's cores, gone with the process ("local": never a cluster that
+                # `ray start` left running here). Its worker processes must import this package the way the driver
+                # does (a source checkout on PYTHONPATH included).
+                ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False,
+                         runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
+            else:
+                self._join(address)
+        actor = ray.remote(num_cpus=cpus_per_worker, max_restarts=RAY_MAX_RESTARTS, max_task_retries=0)(_RayWorker)
         self.actors = [actor.remote(args, i) for i in range(workers)]
+        self.cpus_per_worker = cpus_per_worker
         self.args = args
+
+    def _join(self, address: str) -> None:
+        from edge.errors import ConfigError
+
+        check_ray_address(address)
+        try:
+            self.ray.init(address=address, log_to_driver=False, configure_logging=False)
+        except Exception as e:  # noqa: BLE001 (Ray raises ConnectionError, RuntimeError, AuthenticationError...)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"--ray-address {address}: could not join the Ray cluster there ({first}); a cluster "
+                              "with token authentication (`ray start`'s default) needs RAY_AUTH_MODE=token and its "
+                              "token in RAY_AUTH_TOKEN or ~/.ray/auth_token") from None
+
+    def _where(self, i: int, actor) -> tuple[int, str]:
+        """(pid, node address) of the actor, once Ray has placed it (a replacement after a loss included)."""
+        ray = self.ray
+        # Between losing an actor's process and marking it as restarting, Ray answers "unavailable" (it may come
+        # back): ask again. ActorDiedError (no restarts left) goes to the caller.
+        unavailable = getattr(ray.exceptions, "ActorUnavailableError", ())  # Ray >= 2.2x; before, it waits
+        t0 = time.monotonic()
+        warn_at = t0 + RAY_PLACEMENT_WARN_S
+        while True:
+            ref = actor.where.remote()
+            while not ray.wait([ref], timeout=1.0)[0]:
+                if time.monotonic() > warn_at:
+                    warn_at += RAY_PLACEMENT_WARN_S
+                    logger.warning("Ray worker %d has not started after %.0f s: the cluster has no room for it yet "
+                                   "(it asks for %d CPUs); the others go on", i, time.monotonic() - t0,
+                                   self.cpus_per_worker)
+            try:
+                return ray.get(ref)
+            except unavailable:
+                time.sleep(0.2)
 
     def run(self, tasks):
         ray = self.ray
         out: queue.Queue = queue.Queue()
+        tasks = list(tasks)
         todo = list(tasks)
+        requeued: set[str] = set()
         lock = threading.Lock()
 
         def drive(i, actor):
+            pid = None
             while True:
+                try:
+                    was, (pid, node) = pid, self._where(i, actor)
+                except ray.exceptions.RayError as e:
+                    # never up (its constructor failed, as it will for every worker) or out of restarts
+                    out.put(("fatal" if pid is None else "gone", i, _ray_error_line(e)))
+                    return
+                if pid != was:
+                    logger.info("Ray worker %d%s: pid %d on %s", i, "" if was is None else " restarted", pid, node)
                 with lock:
                     if not todo:
                         break
                     task = todo.pop(0)
+                logger.debug("Ray worker %d (pid %d on %s) runs %s", i, pid, node, task.source)
+                received = False
                 try:
                     for ref in actor.run_file.remote(task):
                         out.put(ray.get(ref))
-                except ray.exceptions.RayError as e:
-                    out.put(("lost", i, task.path, str(e).splitlines()[0] if str(e) else type(e).__name__))
-                    return
+                        received = True
+                except ray.exceptions.RayTaskError as e:  # an exception inside run_file: the actor is fine
+                    out.put(("end", i, task.path, _ray_error_line(e)))
+                except ray.exceptions.RayError as e:  # the actor's process is gone (Ray's own log says why)
+                    if not received and task.path not in requeued:
+                        # lost before its first message: nothing of it was written; it goes back in the queue, once
+                        # (a file that kills its worker before the first window is then reported lost)
+                        logger.warning("Ray worker %d (pid %d on %s) was lost before it began %s (%s): the file goes "
+                                       "back in the queue", i, pid, node, task.source, type(e).__name__)
+                        with lock:
+                            requeued.add(task.path)
+                            todo.insert(0, task)
+                        continue
+                    out.put(("lost", i, task.path, pid, node, type(e).__name__))
+                    # and around again: _where waits for Ray's replacement (max_restarts) or says it is gone
             out.put(("exit", i))
 
-        threads = [threading.Thread(target=drive, args=(i, a), daemon=True) for i, a in enumerate(self.actors)]
+        threads = [threading.Thread(target=drive, args=(i, a), daemon=True, name=f"ray-worker-{i}")
+                   for i, a in enumerate(self.actors)]
         for t in threads:
             t.start()
-        alive = len(threads)
-        while alive:
+        alive, settled, total = len(threads), set(), len(todo)
+        # Done when every file has ended or been lost: a worker the cluster never places must not hold the run.
+        while alive and len(settled) < total:
             msg = out.get()
-            if msg[0] == "exit":
+            kind = msg[0]
+            if kind == "exit":
                 alive -= 1
                 continue
-            if msg[0] == "lost":
+            if kind == "gone":
                 alive -= 1
-                logger.error("Ray worker %d was lost while running %s (%s): its file is left unfinished in the "
-                             "ledger (--resume runs it again)", msg[1], msg[2], msg[3])
+                logger.error("Ray worker %d is gone for good (%s); %d left", msg[1], msg[2], alive)
+                continue
+            if kind == "lost":
+                logger.error("Ray worker %d (pid %d on %s) was lost while running %s (%s): that file stays "
+                             "unfinished in the ledger and --resume runs it again; Ray replaces the worker for the "
+                             "files still waiting", msg[1], msg[3], msg[4], msg[2], msg[5])
+                settled.add(msg[2])
                 yield msg[:3]
                 continue
+            if kind == "end":
+                settled.add(msg[2])
             yield msg
+        for t in tasks:  # every worker gone before these were taken
+            if t.path not in settled:
+                logger.error("%s was never run (every Ray worker was lost): --resume runs it", t.source)
+                yield ("lost", -1, t.path)
 
     def close(self):
         for a in self.actors:
             self.ray.kill(a)
         self.actors = []
+
+
+def _ray_error_line(e: BaseException) -> str:
+    """One line of a Ray error: its cause's when it has one, the constructor's own error (the last line of Ray's
+    traceback) for an actor that could not start, else Ray's first line."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        return _one_line(cause)
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    return lines[-1] if "creation task" in lines[0] else f"{type(e).__name__}: {lines[0]}"
 
 
 class _RayWorker:
@@ -293,6 +428,11 @@ class _RayWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def where(self) -> tuple[int, str]:
+        import ray
+
+        return os.getpid(), ray.util.get_node_ip_address()
 
     def run_file(self, task: FileTask):
         t0 = time.perf_counter()

@@ -395,3 +395,92 @@ def test_two_runs_into_one_folder_are_refused(tiny_full_bundle, tree, tmp_path):
     errors = [line for line in r.stderr.splitlines() if line.startswith("naturelm-edge: error:")]
     assert len(errors) == 1 and "another `infer` is writing there" in errors[0] and str(out) in errors[0]
     assert not (out / "events.jsonl").exists()
+
+
+class _Lines:
+    """A subprocess's stderr, read line by line as it comes (a thread), kept for the test to search."""
+
+    def __init__(self, stream):
+        import threading
+
+        self.lines: list[str] = []
+        self._t = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._t.start()
+
+    def _read(self, stream):
+        for line in stream:
+            self.lines.append(line.rstrip("\n"))
+
+    def text(self) -> str:
+        self._t.join(timeout=30)
+        return "\n".join(self.lines)
+
+
+@pytest.mark.parametrize("workers", [2, 1])
+def test_a_ray_worker_lost_mid_run_loses_nothing(tiny_full_bundle, tree, reference, tmp_path, workers):
+    """--ray, one Ray actor's process SIGKILLed while its file is half written: the run does not hang, names that
+    file on one line, leaves it unfinished in the ledger, finishes the other files and exits 1; --resume then gives
+    the uninterrupted single-process run's outputs, record for record. With 2 workers the other files finish on the
+    survivor or on Ray's replacement; with 1 worker (killed on a.wav, the first file) only the replacement can run
+    them. The actor and its file are found from the run's own debug log ("Ray worker N (pid P on HOST) runs FILE"),
+    the moment from the outputs: the kill lands after the file's first window is written and long before its last
+    (a.wav has 6 windows, c.wav 8)."""
+    import re
+
+    pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'naturelm-edge[ray]'); not installed")
+    out = tmp_path / "out"
+    args = ["--prompts", tree.parent / "prompts.yaml", "--out-dir", out, "--exclude", "*skip_*", tree]
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "-v", "infer", "--no-progress", "--provider", "cpu",
+                             "--bundle", str(tiny_full_bundle), "--hop", "5", "--workers", str(workers), "--ray",
+                             *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = _Lines(proc.stderr)
+    runs = re.compile(r"Ray worker (\d+) \(pid (\d+) on \S+\) runs (\S+)$")
+    victim = None
+    deadline = time.monotonic() + 240
+    while victim is None and time.monotonic() < deadline and proc.poll() is None:
+        jsonl = out / "events.jsonl"
+        written = [json.loads(line)["source"] for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
+        for m in filter(None, map(runs.search, list(err.lines))):
+            source = m.group(3)
+            lines = sum(s == source for s in written)  # window 0: bird and caption; window 1: bird
+            if Path(source).name in ("a.wav", "c.wav") and 1 <= lines <= 3:
+                victim = (int(m.group(2)), source)
+                os.kill(victim[0], signal.SIGKILL)
+                break
+        time.sleep(0.02)
+    try:
+        proc.wait(timeout=240)  # the run must end by itself: a lost actor never hangs it
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = err.text()
+    assert victim is not None, f"no Ray worker could be caught mid-file: {text[-3000:]}"
+    pid, lost = victim
+    assert proc.returncode == 1, text[-3000:]
+    assert "Traceback" not in text
+    summary = [line for line in text.splitlines() if "cut short by a lost worker" in line]
+    assert len(summary) == 1 and f"({lost})" in summary[0] and "--resume" in summary[0], summary
+    assert [line for line in text.splitlines() if f"(pid {pid} on" in line and f"was lost while running {lost}" in
+            line]
+    ledger = _ledger(out)
+    want = _ledger(reference)
+    name = Path(lost).name
+    assert ledger[name][0] == "running"  # not done: --resume runs it again
+    assert {n: s for n, s in ledger.items() if n != name} == {n: s for n, s in want.items() if n != name}
+    restarted = [line for line in text.splitlines() if re.search(r"Ray worker \d+ restarted: pid \d+", line)]
+    if workers == 1:
+        assert restarted, text[-3000:]  # b.flac and c.wav ran on the replacement
+    print(f"killed pid {pid} on {name}; the run ended {time.monotonic() - t0:.1f} s after it started; {restarted}")
+
+    r = _infer(tiny_full_bundle, *args, "--resume")
+    assert "2 of 3 recordings are already done" in r.stderr
+    resumed = _events(out)
+    assert _answers(resumed) == _answers(_events(reference))  # no loss, no duplicate (_answers asserts that)
+    seqs = [e["seq"] for e in resumed]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert sorted((r["source"], r["window_index"], r["prompt_id"], r["answer"]) for r in _csv(out)) == \
+        sorted((r["source"], r["window_index"], r["prompt_id"], r["answer"]) for r in _csv(reference))
+    for table in (reference / "raven").rglob("*.selections.txt"):
+        assert (out / "raven" / table.relative_to(reference / "raven")).read_text() == table.read_text()
+    assert _ledger(out) == want
