@@ -255,8 +255,10 @@ def check_ray_address(address: str) -> None:
             pass
     except OSError as e:
         reason = e.strerror or type(e).__name__  # socket.timeout has no strerror
-        raise ConfigError(f"--ray-address {address}: nothing answers at {host}:{port} ({reason}); start the head "
-                          f"there (`ray start --head --port {port}`) or check the address") from None
+        start = (f"ray start --head --ray-client-server-port {port}" if parts.scheme == "ray"
+                 else f"ray start --head --port {port}")
+        raise ConfigError(f"--ray-address {address}: cannot reach {host}:{port} ({reason}); start the head there "
+                          f"(`{start}`) or check the address") from None
 
 
 class RayBackend:
