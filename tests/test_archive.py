@@ -484,3 +484,98 @@ def test_a_ray_worker_lost_mid_run_loses_nothing(tiny_full_bundle, tree, referen
     for table in (reference / "raven").rglob("*.selections.txt"):
         assert (out / "raven" / table.relative_to(reference / "raven")).read_text() == table.read_text()
     assert _ledger(out) == want
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head():
+    """A real Ray cluster of one head node (2 CPUs), started with the `ray` CLI as an operator would, with token
+    authentication (Ray's default) and a token of its own. It runs with --block in its own process group, so it is
+    stopped by signalling that group: never `ray stop`, which stops every Ray process of this user on the machine
+    (other runs' clusters included)."""
+    import secrets
+    import shutil
+    import socket
+    import tempfile
+
+    pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'naturelm-edge[ray]'); not installed")
+    cli = Path(sys.executable).parent / "ray"
+    port = _free_port()
+    temp = Path(tempfile.mkdtemp(prefix="rayhead", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    log = open(temp / "head.log", "w")  # noqa: SIM115 (closed below, after the head)
+    head = subprocess.Popen([str(cli), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                             "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while "Ray runtime started" not in (temp / "head.log").read_text():
+            assert head.poll() is None and time.monotonic() < deadline, (temp / "head.log").read_text()[-3000:]
+            time.sleep(0.2)
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+        yield f"127.0.0.1:{port}", env, temp
+    finally:
+        head.send_signal(signal.SIGTERM)  # --block: Ray stops the processes it started
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # anything of its group still there
+        except ProcessLookupError:
+            pass
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_address_joins_a_running_cluster(tiny_full_bundle, tree, reference, ray_head, tmp_path):
+    """`ray start --head`, then `infer --ray-address HOST:PORT --workers 2` with the cluster's token: the actors run
+    on that cluster (their logs are in its session folder) and the outputs equal one process's. Without the token:
+    one line naming the address and what to set."""
+    import re
+
+    address, env, temp = ray_head
+    out = tmp_path / "out"
+    r = _infer(tiny_full_bundle, "--prompts", tree.parent / "prompts.yaml", "--out-dir", out, "--exclude",
+               "*skip_*", "--workers", "2", "--ray-address", address, tree, env=env)
+    pids = [int(m.group(1)) for m in re.finditer(r"Ray worker \d: pid (\d+) on ", r.stderr)]
+    assert len(pids) == 2, r.stderr
+    for pid in pids:  # the actors were that cluster's worker processes: their logs are in its session folder
+        assert list(temp.rglob(f"python-core-worker-*_{pid}.log")), (pid, r.stderr)
+    got, want = _answers(_events(out)), _answers(_events(reference))
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k][:2] == want[k][:2] and got[k][3:] == want[k][3:], k
+    assert _ledger(out) == _ledger(reference)
+
+    # Without the cluster's token: Ray gives up after its own retries (~20 s); one line says what to set.
+    plain = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+    r = _infer(tiny_full_bundle, "--prompts", tree.parent / "prompts.yaml", "--out-dir", tmp_path / "out2",
+               "--exclude", "*skip_*", "--workers", "2", "--ray-address", address, tree, env=plain, check=False)
+    assert r.returncode == 2, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("naturelm-edge: error:")]
+    assert len(errors) == 1 and f"--ray-address {address}: could not join" in errors[0], r.stderr[-3000:]
+    assert "RAY_AUTH_MODE=token" in errors[0] and "Traceback" not in r.stderr
+
+
+def test_a_wrong_ray_address_is_one_line_and_quick(tiny_full_bundle, tree, tmp_path):
+    """Nothing listens at the address: one line naming it, at once (Ray alone retries for a minute or more)."""
+    pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'naturelm-edge[ray]'); not installed")
+    address = f"127.0.0.1:{_free_port()}"
+    t0 = time.monotonic()
+    r = _infer(tiny_full_bundle, "--prompt", "Is there a bird? Answer Yes or No.", "--out-dir", tmp_path / "out",
+               "--ray-address", address, tree, check=False)
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("naturelm-edge: error:")]
+    assert len(errors) == 1 and f"--ray-address {address}: cannot reach" in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert elapsed < 30, elapsed  # the CLI's own start-up, no waiting on Ray
