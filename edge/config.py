@@ -134,6 +134,7 @@ class WindowingConfig:
     gate_dbfs: float | None = None  # windows quieter than this (RMS dBFS) skip the model; None: no gate
     max_pending: int = 4
     batch_max: int = 1  # behind real time, up to this many waiting windows go through the model at once
+    shared_batches: bool = False  # those windows share llama.cpp calls: faster, answers within rounding (edge/llm.py)
 
 
 @dataclass(frozen=True)
@@ -633,7 +634,8 @@ def _windowing(s: _Section | None, origin: str, base_dir: Path) -> WindowingConf
         s.fail("hop_s", f"must be <= window_s ({window:g}); a longer hop leaves audio unheard, got {hop:g}")
     cfg = WindowingConfig(window_s=window, hop_s=hop, gate_dbfs=s.number("gate_dbfs", -200.0, 0.0, None),
                           max_pending=s.integer("max_pending", 1, 1000, 4),
-                          batch_max=s.integer("batch_max", 1, 64, 1))
+                          batch_max=s.integer("batch_max", 1, 64, 1),
+                          shared_batches=s.boolean("shared_batches", False))
     s.done()
     return cfg
 
@@ -983,9 +985,9 @@ def restart_needed(old: Config, new: Config) -> list[str]:
             continue
         if getattr(old, f.name) != getattr(new, f.name):
             changed.append(f.name)
-    if (old.windowing.window_s, old.windowing.hop_s, old.windowing.max_pending) != (
-            new.windowing.window_s, new.windowing.hop_s, new.windowing.max_pending):
-        changed.append("windowing (window_s, hop_s, max_pending)")
+    keys = ("window_s", "hop_s", "max_pending", "batch_max", "shared_batches")
+    if any(getattr(old.windowing, k) != getattr(new.windowing, k) for k in keys):
+        changed.append(f"windowing ({', '.join(keys)})")
     return changed
 
 

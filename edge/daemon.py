@@ -97,7 +97,7 @@ def _open_pipeline_default(cfg: Config):
                          precision=b.encoder_precision, quantization=b.quantization, n_gpu_layers=b.n_gpu_layers,
                          state_dir=cfg.state_dir, verify=b.verify, gate_dbfs=cfg.windowing.gate_dbfs,
                          threads=b.encoder_threads, llm_threads=b.llm_threads,
-                         max_batch=cfg.windowing.batch_max)
+                         max_batch=cfg.windowing.batch_max, shared_batches=cfg.windowing.shared_batches)
 
 
 #: Test hook: tests replace this with a factory (cfg) -> pipeline when no real bundle is at hand.

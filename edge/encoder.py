@@ -326,10 +326,11 @@ class AudioEncoder:
         the rounding of a quiet one's."""
         return self.precision != "int8"
 
-    def encode_batch(self, features: np.ndarray) -> np.ndarray:
-        """`encode` for a batch of windows, with each window's result exactly what `encode` gives it alone: one call
-        where the graph allows it (batch_exact), else one call per window."""
-        if self.batch_exact or len(features) == 1:
+    def encode_batch(self, features: np.ndarray, exact: bool = False) -> np.ndarray:
+        """`encode` for a batch of windows. One call where the graph allows it (batch_exact: a window's embeddings
+        then differ from `encode` alone in float rounding only, the kernels' sums for another batch size), else, or
+        with exact=True (bit for bit what `encode` gives each window alone), one call per window."""
+        if (self.batch_exact and not exact) or len(features) == 1:
             return self.encode(features)
         return np.concatenate([self.encode(features[i:i + 1]) for i in range(len(features))])
 

@@ -347,8 +347,11 @@ def run_infer(args) -> int:
         raise ConfigError(f"no recordings found in {', '.join(args.audio)} (--include {args.include or 'audio'})")
 
     bundle = load_bundle(Path(args.bundle), verify="full")
+    # Shared batches round differently with the batch size: a run with them is another run (exact batches give the
+    # one-window answers, so --batch alone does not change the hash).
+    shared = {"shared_batches": args.batch} if args.shared_batches and args.batch > 1 else {}
     run_hash = prompts_hash(prompts, window=args.window, hop=args.hop, gate_dbfs=args.gate_dbfs,
-                            precision=args.precision, quantization=args.quantization)
+                            precision=args.precision, quantization=args.quantization, **shared)
     ledger = None
     if args.out_dir:
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
@@ -381,7 +384,8 @@ def run_infer(args) -> int:
     pargs = PipelineArgs(bundle=args.bundle, prompts=tuple(prompts), device_id=args.device_id,
                          provider=args.provider, precision=args.precision, quantization=args.quantization,
                          n_gpu_layers=args.n_gpu_layers, gate_dbfs=args.gate_dbfs, threads=threads,
-                         verify="size", batch=args.batch, with_embeddings=bool(args.embeddings))
+                         verify="size", batch=args.batch, shared_batches=args.shared_batches,
+                         with_embeddings=bool(args.embeddings))
     bar = tqdm(total=total, unit="win", desc="infer", disable=args.no_progress, file=sys.stderr, smoothing=0.1,
                dynamic_ncols=True)
     writer.bar = bar
@@ -474,8 +478,12 @@ def register(sub) -> None:
     p.add_argument("--exclude", action="append", metavar="GLOB", help="in folders, leave out matches (repeatable)")
     p.add_argument("--batch", type=int, default=1, metavar="B",
                    help="windows per model call: B windows through the audio encoder at once and through the LLM "
-                        "together (its KV cache holds B windows). The same answers as B=1: decisions and tokens "
-                        "identical, scores within 1e-4 (README: A season of recordings)")
+                        "together (its KV cache holds B windows). Bit for bit the answers of B=1: each window's "
+                        "LLM rows still go through llama.cpp in calls of their own (README: A season of recordings)")
+    p.add_argument("--shared-batches", action="store_true",
+                   help="with --batch: the B windows share llama.cpp calls, which decodes long answers (captions) "
+                        "faster; scores then move in the last digits and a near-tie between two tokens can flip, so "
+                        "generated text may differ from --batch 1")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="N worker processes on this machine (or N Ray actors with --ray), each with its own model "
                         "and cores//N threads; outputs identical to one process")

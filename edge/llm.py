@@ -24,14 +24,16 @@ is opened for (EngineOptions.prompts): a window takes (1 + beams) x n_ctx cells,
 beam-searched prompts uses (0 for yes/no, label, count and greedy prompts).
 
 Batches of windows (`answer_windows`): up to `EngineOptions.max_batch` windows sit in as many slots of one context.
-Their BOS and header tokens are decoded once and copied, their audio rows go in one llama_batch, each prompt's
-suffixes in one batch, and every open answer (greedy or beam) advances one token per batch, together. One window
-(`run_window`, `set_audio` + `ask`) is the same code with one slot. The answers are bit for bit those of one window at
-a time: the same tokens, the same logits. Two things make it so, both measured: ggml's matrix products give each row
-the same sums whatever other rows share the batch (the CPU kernels of F32, F16, Q8_0 and Q4_K_M, repacked or not), and
+Their BOS and header tokens are decoded once and copied, each prompt is asked of all of them, and their answers
+(greedy or beam) advance one token per step together. One window (`run_window`, `set_audio` + `ask`) is the same code
+with one slot. Exact batches (the default, `exact_batches`): each window's rows go to llama.cpp in a call of their own,
+and its answers are bit for bit those of one window at a time, on every CPU. Two things make it so, both measured:
 with one KV stream per sequence a window's attention reads its own cells at the same places as alone (in one shared
-pool its cells sit elsewhere and attention's sums round differently: yes/no scores moved by up to 3e-2 and beams
-changed at Q4_K_M). tests/test_llm_batch.py checks equality, not closeness.
+pool its cells sit elsewhere and attention's sums round differently), and with its rows alone in a call every matrix
+kernel does the same arithmetic on them (ggml's kernels round a row's sums differently with the number of rows beside
+it: AVX2's repacked Q4_K kernels take rows by fours and the rest one by one, and F32 takes another path for a single
+row). Shared batches (`exact_batches=False`) put every window's rows in one call: long answers decode faster, the
+scores move in the last digits, and a near-tie between two tokens can flip. tests/test_llm_batch.py checks both.
 
 Prompt kinds (the answer always starts right after the assistant header, where the reference's answers start):
 - `yes_no`: one forward pass; P(Yes) / (P(Yes) + P(No)) from the logits of the "Yes" and "No" tokens
@@ -112,6 +114,10 @@ class EngineOptions:
     flash_attn: bool | None = None  # None: llama.cpp decides
     lora_scale: float | None = None  # runtime LoRA scale for adapter bundles; None: the manifest's merging_alpha
     max_batch: int = 1  # windows answer_windows runs together
+    #: True: each window of a batch is decoded in its own llama.cpp call, so its answers are bit for bit the
+    #: one-window path's on every CPU. False: the windows share calls (faster decoding of long answers); scores then
+    #: move in the last bits and a near-tie between two tokens can flip (README: A season of recordings).
+    exact_batches: bool = True
     max_beams: int | None = None  # beam sequences per window; None: the most `prompts` use, else DEFAULT_BEAMS
     prompts: tuple = ()  # the Prompts this engine will answer, if known: the KV cache is sized to them
 
@@ -469,6 +475,7 @@ class LlmEngine:
         self._digits: np.ndarray | None = None
 
         self.max_batch = int(opts.max_batch)
+        self.exact = bool(opts.exact_batches)
         self.max_beams = opts.beam_sequences
         self._audio_rows = int(audio_rows) if audio_rows else None
         self._manifest_n_ctx = int(llm["n_ctx"])
@@ -751,18 +758,24 @@ class LlmEngine:
             want = np.ones(n, dtype=bool)
         else:
             want = np.asarray(logits, dtype=bool)
-        # Rows by ascending sequence (a sequence's rows keep their order): llama.cpp fills a ubatch with a run of
-        # consecutive sequence ids in batch order, so unsorted rows would split into more ubatches (the same numbers,
-        # more passes over the weights). The logits come back in the caller's order.
-        order = np.argsort(seqs, kind="stable")
+        # Rows by window, then by sequence (a sequence's rows keep their order), and the logits back in the caller's
+        # order. Exact batching (the default) gives each window its own llama_decode: its rows are then the rows it
+        # would have alone, and every kernel does the same arithmetic on them. Shared batching decodes all windows in
+        # one call: llama.cpp fills a ubatch with a run of consecutive sequence ids, which the role-major ids and this
+        # order give it.
+        window = seqs % self.max_batch if self.exact else np.zeros(n, dtype=np.int64)
+        order = np.lexsort((seqs, window))
         if not np.array_equal(order, np.arange(n)):
-            seqs, pos, want = seqs[order], pos[order], want[order]
-            if embd is not None:
-                embd = np.asarray(embd)[order]
-            else:
-                tokens = np.asarray(tokens)[order]
-            got = self._decode(seqs, pos, tokens=tokens, embd=embd, logits=want)
-            return got[np.argsort(order[want], kind="stable")]
+            embd = None if embd is None else np.asarray(embd)[order]
+            tokens = None if tokens is None else np.asarray(tokens)[order]
+            got = self._decode(seqs[order], pos[order], tokens=tokens, embd=embd, logits=want[order])
+            return got[np.argsort(order[want[order]], kind="stable")]
+        if self.exact and n and window[0] != window[-1]:
+            cuts = np.flatnonzero(np.diff(window)) + 1
+            parts = [self._decode(seqs[a:b], pos[a:b], tokens=None if tokens is None else tokens[a:b],
+                                  embd=None if embd is None else embd[a:b], logits=want[a:b])
+                     for a, b in zip(np.r_[0, cuts], np.r_[cuts, n])]
+            return np.concatenate(parts, axis=0)
         if embd is not None:
             cap = min(n, self._n_batch)
             if self._embd_batch is None or self._embd_batch.capacity < cap:

@@ -121,7 +121,8 @@ class Pipeline:
         """`process` for several windows of one source at once: the front end per window, then every passing
         window's features through the audio encoder in one call (its graph has a dynamic batch axis), then the LLM:
         batched too (LlmEngine.answer_windows) when the engine was opened with max_batch > 1, else window by window.
-        The answers are those of `process` window by window (tests/test_batch.py compares them)."""
+        With exact batches (the default) the answers are bit for bit those of `process` window by window; with shared
+        ones they are within rounding (tests/test_batch.py compares them)."""
         t0 = time.perf_counter()
         results: list[WindowResult | None] = [None] * len(items)
         todo, feats, front_ms = [], [], []
@@ -136,7 +137,9 @@ class Pipeline:
         if not todo:
             return results
         t1 = time.perf_counter()
-        embeddings = self.encoder.encode_batch(np.concatenate(feats))  # each is (1, frames, mel_bins)
+        # Exact batches (the LLM's default) encode window by window too: a batched call rounds differently.
+        exact = bool(getattr(self.llm, "exact", True))
+        embeddings = self.encoder.encode_batch(np.concatenate(feats), exact=exact)  # each is (1, frames, mel_bins)
         encoder_ms = (time.perf_counter() - t1) * 1e3 / len(todo)  # the batch's time, shared evenly
         dues = [[p for p in (self.prompts if prompts is None else prompts) if p.due(items[i][2].index)] for i in todo]
         batched = None
@@ -199,14 +202,15 @@ def open_pipeline(bundle_dir: Path, prompts: list[PromptSpec], *, device_id: str
                   precision: str = "fp32", quantization: str | None = None, n_gpu_layers: int | None = None,
                   state_dir: Path | None = None, verify: str = "full", gate_dbfs: float | None = None,
                   lora_scale: float | None = None, threads: int = 0, llm_threads: int | None = None,
-                  max_batch: int = 1) -> Pipeline:
+                  max_batch: int = 1, shared_batches: bool = False) -> Pipeline:
     """Load and check the bundle, open the encoder and the LLM (both warmed up), ready for `process`. max_batch:
-    windows `process_batch` runs through the LLM together (its KV cache holds max_batch windows)."""
+    windows `process_batch` runs through the LLM together (its KV cache holds max_batch windows); shared_batches:
+    they share llama.cpp calls (EngineOptions.exact_batches False: faster captions, answers within rounding)."""
     bundle = load_bundle(Path(bundle_dir), verify=verify, cache_dir=state_dir)
     encoder = AudioEncoder(bundle, precision=precision, provider=provider, state_dir=state_dir, threads=threads)
     # The LLM is opened for these prompts: its KV cache holds the beams and the context they need, no more.
     llm = LlmEngine.from_bundle(bundle, EngineOptions(model_type=quantization, n_gpu_layers=n_gpu_layers,
                                                        lora_scale=lora_scale, n_threads=llm_threads,
-                                                       max_batch=max_batch,
+                                                       max_batch=max_batch, exact_batches=not shared_batches,
                                                        prompts=tuple(_engine_prompt(p) for p in prompts)))
     return Pipeline(bundle, encoder, llm, prompts, device_id=device_id, gate=ActivityGate(gate_dbfs))

@@ -48,6 +48,7 @@ class PipelineArgs:
     threads: int = 0  # 0: every usable core (one worker)
     verify: str = "full"
     batch: int = 1
+    shared_batches: bool = False
     with_embeddings: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -57,7 +58,8 @@ class PipelineArgs:
         return open_pipeline(Path(self.bundle), list(self.prompts), device_id=self.device_id, provider=self.provider,
                              precision=self.precision, quantization=self.quantization, verify=self.verify,
                              gate_dbfs=self.gate_dbfs, n_gpu_layers=self.n_gpu_layers, threads=self.threads,
-                             llm_threads=self.threads or None, max_batch=self.batch)
+                             llm_threads=self.threads or None, max_batch=self.batch,
+                             shared_batches=self.shared_batches)
 
 
 def _one_line(e: BaseException) -> str:

@@ -1,16 +1,14 @@
 """Batched inference gives the answers of the one-window path.
 
-Tolerances: audio embeddings of a batched fp32 encoder call within 1e-5 of the one-window call, relative to their
-scale (onnxruntime may pick other kernels, or split the work differently, for a larger batch: rounding differs, the
-arithmetic does not); the int8 encoder is run window by window inside a batch (its dynamic quantization scales each
-tensor over the whole batch), so its embeddings are bit-identical. Decisions and generated tokens identical; yes/no
-scores within 1e-5 absolute.
+Exact batches (the default: EngineOptions.exact_batches, open_pipeline's shared_batches=False): bit for bit. The audio
+encoder runs window by window (a batched call rounds differently: within 1e-5 of scale for fp32, and the int8 graph's
+dynamic quantization scales activations over the whole batch), and the LLM holds the windows in one context but
+decodes each window's rows in calls of its own (tests/test_llm_batch.py).
 
-With an engine of max_batch > 1 the LLM side is batched as well (the audio prefixes prefilled in one llama_batch,
-answers decoded together), at the defaults (Q4_K_M, f16 KV cache): decisions and tokens identical, scores within 1e-4
-(tests/test_llm_batch.py's bound: one KV stream per sequence, so only the matrix kernels' rounding for other row
-counts is left). `infer --batch` and the daemon's backlog batches are compared with the one-window path at those
-defaults in tests/test_archive.py and tests/test_daemon_e2e.py.
+Shared batches (shared_batches=True): one encoder call for fp32/fp16 (int8 still window by window), the windows' LLM
+rows in shared llama.cpp calls. Decisions identical, scores within SHARED_TOL (tests/test_llm_batch.py measures
+1.7e-3 at most); generated text can differ at a near-tie, so it is not compared. `infer --batch` and the daemon's
+backlog batches are compared with the one-window path in tests/test_archive.py and tests/test_daemon_e2e.py.
 """
 
 
@@ -29,9 +27,8 @@ from edge.pipeline import Pipeline
 from edge.prompts import parse_prompts
 from edge.synth import birdsong
 
-#: |score difference| allowed: encoder batched alone (fp32 rounding) / LLM batched too (kernel rounding).
-ENCODER_BATCH_TOL = 1e-5
-LLM_BATCH_TOL = 1e-4
+#: |score difference| allowed with shared batches.
+SHARED_TOL = 1e-2
 
 PROMPTS = [
     {"id": "bird", "kind": "yes_no", "text": "Is there a bird in the audio? Answer Yes or No."},
@@ -53,13 +50,13 @@ def _windows(n: int, sr: int = 16000):
     return out
 
 
-@pytest.fixture(scope="module", params=[("fp32", 1), ("int8", 1), ("int8", 5)],
-                ids=["fp32-llm_one_by_one", "int8-llm_one_by_one", "int8-llm_batched"])
+@pytest.fixture(scope="module", params=[("fp32", 1, False), ("int8", 1, False), ("int8", 5, False), ("fp32", 5, True)],
+                ids=["fp32-llm_one_by_one", "int8-llm_one_by_one", "int8-llm_batched", "fp32-shared_batches"])
 def pipeline(request, tiny_full_bundle):
-    precision, max_batch = request.param
+    precision, max_batch, shared = request.param
     bundle = load_bundle(tiny_full_bundle)
     encoder = AudioEncoder(bundle, precision=precision, provider="cpu")
-    llm = LlmEngine.from_bundle(bundle, EngineOptions(n_threads=1, max_batch=max_batch))  # the defaults: Q4_K_M
+    llm = LlmEngine.from_bundle(bundle, EngineOptions(n_threads=1, max_batch=max_batch, exact_batches=not shared))
     pipe = Pipeline(bundle, encoder, llm, parse_prompts(PROMPTS, "test"), device_id="t")
     yield pipe
     pipe.close()
@@ -85,10 +82,14 @@ def test_process_batch_gives_the_one_window_answers(pipeline, b):
     assert pipeline.llm_batched == (pipeline.llm.max_batch > 1)
     assert len(batched) == len(single)
     for s, r in zip(single, batched):
-        assert [(e.prompt_id, e.answer, e.positive, e.window) for e in r.events] == \
-            [(e.prompt_id, e.answer, e.positive, e.window) for e in s.events]
+        if pipeline.llm.exact:
+            assert [(e.prompt_id, e.answer, e.positive, e.window, e.score) for e in r.events] == \
+                [(e.prompt_id, e.answer, e.positive, e.window, e.score) for e in s.events]
+            assert np.array_equal(r.embedding, s.embedding)
+            continue
+        assert [(e.prompt_id, e.window) for e in r.events] == [(e.prompt_id, e.window) for e in s.events]
         for es, er in zip(s.events, r.events):
-            if es.score is not None:
-                tol = LLM_BATCH_TOL if pipeline.llm_batched else ENCODER_BATCH_TOL
-                assert er.score == pytest.approx(es.score, abs=tol)
+            if es.kind in ("yes_no", "label"):
+                assert (er.answer, er.positive) == (es.answer, es.positive)
+                assert er.score == pytest.approx(es.score, abs=SHARED_TOL)
         assert np.abs(r.embedding - s.embedding).max() <= 1e-5 * np.abs(s.embedding).max()

@@ -1,17 +1,19 @@
 """Batched windows (EngineOptions.max_batch, LlmEngine.answer_windows) against the one-window path.
 
-Claim: the same tokens and decisions, and logits within LOGIT_TOL, at every model type the quantizer makes, with the
-defaults (f16 KV cache, flash attention as llama.cpp decides). Why so close (edge/llm.py): each llama.cpp sequence has
-its own KV stream, so a window's attention reads its own cells at the same places as alone. What is left is ggml's
-matrix kernels: a row's sums are the same whatever other rows share the batch within one kernel, but the kernel can
-change with the row count (the repacked Q4_K gemm takes rows by fours and leaves the rest to a gemv; F32 takes another
-path for a single row, as at the last layer, where llama.cpp keeps only the rows whose logits are asked for). Those
-round differently in the last bits of float32.
-Measured on the tiny model (batches of 4 against one window, this machine's AVX-512 kernels): Q8_0 0 (bit-identical),
-F32 7e-7, Q4_K_M 1.2e-6, F16 0 with flash attention and 5.9e-5 without (max |logit diff|); 1e-4 bounds them. Scores
-(P(Yes), a label's share, a count's probability) are smooth in the logits: the same bound, measured <= 8e-6. On the production-shaped small preset Q4_K_M and F16 were bit-identical (answers
-and logits, benchmarks/bench_batch.py records it). Before, with one shared KV pool: max |logit diff| 0.16 on the small
-preset at Q4_K_M, yes/no scores 1.1e-2 apart, 2-beam captions changed in 2 of 4 windows.
+Exact batches (the default): the same tokens, scores and logits, bit for bit, at every model type the quantizer makes
+and with the defaults (f16 KV cache, flash attention as llama.cpp decides). Why it holds (edge/llm.py): each llama.cpp
+sequence has its own KV stream, so a window's attention reads its own cells at the same places as alone, and each
+window's rows go through llama.cpp in a call of their own, so every matrix kernel does the same arithmetic on them as
+alone. Checked with this machine's kernels (AVX-512 VNNI) and with an AVX2-only build of the same llama.cpp (AVX2's
+repacked Q4_K kernels sum a lone row and rows by fours differently: sharing calls moved the small preset's yes/no
+scores by 6e-3 and changed 3 of 4 captions there).
+
+Shared batches (exact_batches=False): the windows' rows share llama.cpp calls, and a row's sums depend on how many
+rows a kernel gets. Decisions identical, logits within SHARED_LOGIT_TOL, scores within SHARED_SCORE_TOL (measured on
+the tiny model, batches of 4 against one window, first-token logits: AVX-512 build F16 0, Q4_K_M 1.2e-6; AVX2 build
+F16 1.7e-4, Q4_K_M 1.2e-6; scores, which sum several positions' log-probabilities for labels and counts, up to 1.7e-3
+on AVX2). Tokens of generated text can flip at a near-tie, so they are not compared. Before one KV stream per sequence, sharing one pool: max |logit diff| 0.16 on the small
+preset at Q4_K_M.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from edge.bundle import load_bundle
 from edge.errors import ConfigError
 from edge.llm import EngineOptions, LlmEngine, Prompt
 
-LOGIT_TOL = 1e-4
-SCORE_TOL = 1e-4
+SHARED_LOGIT_TOL = 1e-2
+SHARED_SCORE_TOL = 1e-2
 PROMPTS = (
     Prompt(id="crow", kind="yes_no", question="Is there a American Crow in the audio? Answer Yes or No."),
     Prompt(id="species", kind="label", question="What is the common name for the focal species in the audio? Answer:",
@@ -43,21 +45,13 @@ def audio(seed: int, n: int = 29, width: int = 256) -> np.ndarray:
 
 
 def _same_answers(a, b) -> None:
-    assert (a.prompt_id, a.text, a.token_ids, a.stopped, a.decoding, a.num_beams) == \
-           (b.prompt_id, b.text, b.token_ids, b.stopped, b.decoding, b.num_beams)
-    if a.score is None:
-        assert b.score is None
-    else:
-        assert a.score == pytest.approx(b.score, abs=SCORE_TOL)
-        assert (a.scores or {}).keys() == (b.scores or {}).keys()
+    assert (a.prompt_id, a.text, a.token_ids, a.stopped, a.decoding, a.num_beams, a.score, a.scores) == \
+           (b.prompt_id, b.text, b.token_ids, b.stopped, b.decoding, b.num_beams, b.score, b.scores)
 
 
-@pytest.mark.parametrize("model_type", ["F32", "F16", "Q8_0", "Q4_K_M"])
-def test_batched_windows_answer_as_one_window(tiny_llm_bundle, model_type):
-    bundle = load_bundle(tiny_llm_bundle)
+def _one_and_batched(bundle, model_type: str, audios, exact: bool = True):
     one = EngineOptions(model_type=model_type, n_threads=2, prompts=PROMPTS)
-    many = EngineOptions(model_type=model_type, n_threads=2, prompts=PROMPTS, max_batch=4)
-    audios = [audio(seed) for seed in range(6)]  # a group of 4 and a group of 2
+    many = EngineOptions(model_type=model_type, n_threads=2, prompts=PROMPTS, max_batch=4, exact_batches=exact)
     with LlmEngine.from_bundle(bundle, one) as single:
         want = [single.run_window(a, PROMPTS) for a in audios]
         want_logits = np.concatenate([single.first_token_logits([a], PROMPTS[0].question) for a in audios])
@@ -67,13 +61,36 @@ def test_batched_windows_answer_as_one_window(tiny_llm_bundle, model_type):
     assert len(got) == len(audios)
     for g, w in zip(got, want):
         assert g.prefills == 1 and g.prefix_tokens == w.prefix_tokens
+        assert [a.prompt_id for a in g.answers] == [a.prompt_id for a in w.answers]
+    assert len({w.answers[2].token_ids for w in want}) > 1  # the windows' answers differ: nothing was mixed up
+    return got, want, float(np.abs(got_logits - want_logits).max())
+
+
+@pytest.mark.parametrize("model_type", ["F32", "F16", "Q8_0", "Q4_K_M"])
+def test_batched_windows_answer_as_one_window(tiny_llm_bundle, model_type):
+    audios = [audio(seed) for seed in range(6)]  # a group of 4 and a group of 2
+    got, want, worst = _one_and_batched(load_bundle(tiny_llm_bundle), model_type, audios)
+    for g, w in zip(got, want):
         for x, y in zip(g.answers, w.answers):
             _same_answers(x, y)
-    worst = float(np.abs(got_logits - want_logits).max())
-    print(f"{model_type}: max |logit diff| batched (4 windows) vs one window: {worst:.2e}")
-    assert worst <= LOGIT_TOL, worst
-    assert np.array_equal(got_logits.argmax(axis=1), want_logits.argmax(axis=1))
-    assert len({w.answers[2].token_ids for w in want}) > 1  # the windows' answers differ: nothing was mixed up
+    assert worst == 0.0
+
+
+@pytest.mark.parametrize("model_type", ["F16", "Q4_K_M"])
+def test_shared_batches_keep_decisions_and_bound_the_rest(tiny_llm_bundle, model_type):
+    audios = [audio(seed) for seed in range(6)]
+    got, want, worst = _one_and_batched(load_bundle(tiny_llm_bundle), model_type, audios, exact=False)
+    score_diffs = [abs(x.scores[k] - y.scores[k]) for g, w in zip(got, want) for x, y in zip(g.answers, w.answers)
+                   if x.scores and y.scores and x.scores.keys() == y.scores.keys() for k in x.scores]
+    print(f"{model_type}, shared batches: max |logit diff| {worst:.2e}, max |score diff| {max(score_diffs):.2e}")
+    assert worst <= SHARED_LOGIT_TOL
+    for g, w in zip(got, want):
+        for x, y in zip(g.answers, w.answers):
+            if x.kind in ("yes_no", "label"):
+                assert x.text == y.text  # the decision
+                assert x.scores.keys() == y.scores.keys()
+                for k in x.scores:
+                    assert x.scores[k] == pytest.approx(y.scores[k], abs=SHARED_SCORE_TOL)
 
 
 def test_each_window_has_its_own_prompts(tiny_llm_bundle):
