@@ -6,7 +6,10 @@ through `Pipeline.process_batch` B at a time (what `infer --batch B` runs), for 
 workload (the model loaded once, one untimed warm-up window first):
 
 - `yes_no`: one yes/no prompt per window;
-- `yes_no+caption`: the yes/no prompt and a caption of up to --max-new-tokens tokens (greedy).
+- `yes_no+caption`: the yes/no prompt and a caption of up to --max-new-tokens tokens (2 beams, as upstream).
+
+Each B is run twice: with exact batches (the default: each window's rows in llama.cpp calls of their own, answers
+bit for bit the one-window path's) and with shared batches (--shared-batches: one call for all windows).
 
 Measured: windows per second of each (wall time over all N windows), the ratio batched / one-window at each B, and
 the caption's tokens per second at each B = (caption tokens) / (time with the caption - time without it): the
@@ -57,10 +60,10 @@ def worker(work: Path, workload: str, precision: str, quantization: str, windows
     specs = [{"id": "sparrow", "kind": "yes_no", "text": YES_NO}]
     if workload == "yes_no+caption":
         specs.append({"id": "caption", "kind": "caption", "text": CAPTION, "max_tokens": max_new})
-    def open_(max_batch: int):
+    def open_(max_batch: int, shared: bool = False):
         return open_pipeline(work / "small-bundle", parse_prompts(specs, "bench"), device_id="bench", provider="cpu",
                              precision=precision, quantization=quantization, threads=threads, llm_threads=threads,
-                             verify="size", max_batch=max_batch)
+                             verify="size", max_batch=max_batch, shared_batches=shared)
 
     # Today's one-window path: an engine with one window's slot, Pipeline.process per window.
     pipe = open_(1)
@@ -88,28 +91,33 @@ def worker(work: Path, workload: str, precision: str, quantization: str, windows
     pipe.llm.ask = ask
     want = answers(seq)
     pipe.close()
-    # The batched path: an engine with max(B) slots, Pipeline.process_batch B windows at a time.
-    pipe = open_(max(batches))
-    pipe.process_batch(items[:2], "warmup")
     out["runs"]["one_window"] = {"seconds": clock.wall, "windows_per_s": windows / clock.wall,
                                  "other_processes_cores": clock.others, "steal_or_unaccounted": clock.steal + clock.lost}
     out["caption_tokens"] = sum(tokens) if tokens else None
-    for b in batches:
-        got = []
-        with WindowClock() as clock:
-            for i in range(0, windows, b):
-                got += pipe.process_batch(items[i:i + b], "bench")
-        got = answers(got)
-        same = all([x[:3] for x in g] == [x[:3] for x in w] for g, w in zip(got, want))
-        diff = max((abs(x[3] - y[3]) for g, w in zip(got, want) for x, y in zip(g, w) if x[3] is not None),
-                   default=0.0)
-        out["runs"][f"batch_{b}"] = {"batch": b, "seconds": clock.wall, "windows_per_s": windows / clock.wall,
-                                     "answers_identical": same, "max_yes_no_score_difference": diff,
-                                     "other_processes_cores": clock.others,
-                                     "steal_or_unaccounted": clock.steal + clock.lost}
-    out["engine"] = {"llm_batched": pipe.llm_batched, "llm_slots": pipe.llm.max_batch,
-                     "encoder_batch_exact": pipe.encoder.batch_exact, "info": pipe.info}
-    pipe.close()
+    # The batched path, exact batches (the default) then shared ones: an engine with max(B) slots,
+    # Pipeline.process_batch B windows at a time.
+    out["engine"] = {}
+    for mode in ("exact", "shared"):
+        pipe = open_(max(batches), shared=mode == "shared")
+        pipe.process_batch(items[:2], "warmup")
+        for b in batches:
+            got = []
+            with WindowClock() as clock:
+                for i in range(0, windows, b):
+                    got += pipe.process_batch(items[i:i + b], "bench")
+            got = answers(got)
+            same = all([x[:3] for x in g] == [x[:3] for x in w] for g, w in zip(got, want))
+            diff = max((abs(x[3] - y[3]) for g, w in zip(got, want) for x, y in zip(g, w) if x[3] is not None),
+                       default=0.0)
+            out["runs"][f"{mode}_batch_{b}"] = {
+                "mode": mode, "batch": b, "seconds": clock.wall, "windows_per_s": windows / clock.wall,
+                "answers_identical": same, "bit_identical": got == want, "max_yes_no_score_difference": diff,
+                "other_processes_cores": clock.others, "steal_or_unaccounted": clock.steal + clock.lost}
+        out["engine"][mode] = {"llm_batched": pipe.llm_batched, "llm_slots": pipe.llm.max_batch,
+                               "llm_exact_batches": pipe.llm.exact, "kv_cells_per_sequence": pipe.llm.n_ctx,
+                               "beams_per_window": pipe.llm.max_beams, "encoder_batch_exact": pipe.encoder.batch_exact,
+                               "info": pipe.info}
+        pipe.close()
     return out
 
 
@@ -173,12 +181,11 @@ def main(argv=None) -> int:
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(args.out)
     for wl, r in results.items():
-        print(f"\n{wl} (llm batched: {r['engine']['llm_batched']}, encoder batch exact: "
-              f"{r['engine']['encoder_batch_exact']})")
-        print(f"{'run':12} {'windows/s':>10} {'x one-window':>13} {'identical':>10} {'max |dscore|':>13} "
+        print(f"\n{wl}")
+        print(f"{'run':16} {'windows/s':>10} {'x one-window':>13} {'identical':>10} {'max |dscore|':>13} "
               f"{'others cores':>13}")
         for k, run in r["runs"].items():
-            print(f"{k:12} {run['windows_per_s']:10.3f} {run['ratio_vs_one_window']:13.2f} "
+            print(f"{k:16} {run['windows_per_s']:10.3f} {run['ratio_vs_one_window']:13.2f} "
                   f"{run.get('answers_identical', '-')!s:>10} {run.get('max_yes_no_score_difference', 0):13.2e} "
                   f"{run['other_processes_cores']:13.2f}")
     if decode:
