@@ -490,10 +490,11 @@ def register(sub) -> None:
     p.add_argument("--ray", action="store_true", help="run the workers as Ray actors (the `ray` extra): locally, "
                                                       "or on the cluster of --ray-address")
     p.add_argument("--ray-address", metavar="ADDR",
-                   help="join this Ray cluster: host:port of its head (`ray start --head` prints it), "
-                        "ray://host:10001 (Ray Client), or auto (the cluster started on this machine). A token-"
-                        "authenticated cluster needs RAY_AUTH_MODE=token and RAY_AUTH_TOKEN. A lost Ray worker is "
-                        "replaced; its file is left unfinished for --resume")
+                   help="join this Ray cluster: host:port of its head (`ray start --head` prints it; run infer "
+                        "on a node of the cluster), auto (the cluster started on this machine), or ray://host:10001 "
+                        "(Ray Client: pip install 'ray[client]'). A token-authenticated cluster (Ray's default) needs "
+                        "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN. A lost Ray worker is replaced; its file is left "
+                        "unfinished for --resume")
     p.add_argument("--embeddings", metavar="PATH.npz", help="save one pooled embedding per window with its time span")
     p.add_argument("--plot", metavar="PATH.png", help="draw the first recording's spectrogram with the answers")
     p.add_argument("--provider", default="auto", choices=["auto", "tensorrt", "cuda", "cpu"],

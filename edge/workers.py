@@ -234,6 +234,7 @@ def check_ray_address(address: str) -> None:
     """Fail fast, on one line naming the address, when nothing listens there: Ray itself retries a refused or
     unreachable address for a minute or more before giving up. `auto` and `local` are Ray's own words (the cluster
     this machine last started; a new private one) and are left to it."""
+    import importlib.util
     import socket
     from urllib.parse import urlsplit
 
@@ -245,6 +246,10 @@ def check_ray_address(address: str) -> None:
     if parts.scheme not in ("", "ray"):
         raise ConfigError(f"--ray-address {address}: give host:port (the head's GCS port, 6379 by default) or "
                           "ray://host:port (the Ray Client port, 10001 by default)")
+    if parts.scheme == "ray" and importlib.util.find_spec("grpc") is None:
+        raise ConfigError(f"--ray-address {address}: a ray:// address goes through Ray Client, which needs "
+                          "pip install 'ray[client]'; or run infer on a node of the cluster with the head's "
+                          "host:port")
     try:
         port = parts.port or (10001 if parts.scheme == "ray" else 6379)
     except ValueError:

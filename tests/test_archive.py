@@ -572,16 +572,22 @@ def test_ray_address_joins_a_running_cluster(tiny_full_bundle, tree, reference, 
     assert "RAY_AUTH_MODE=token" in errors[0] and "Traceback" not in r.stderr
 
 
-def test_a_wrong_ray_address_is_one_line_and_quick(tiny_full_bundle, tree, tmp_path):
-    """Nothing listens at the address: one line naming it, at once (Ray alone retries for a minute or more)."""
+@pytest.mark.parametrize("scheme", ["", "ray://"])
+def test_a_wrong_ray_address_is_one_line_and_quick(tiny_full_bundle, tree, tmp_path, scheme):
+    """Nothing listens at the address: one line naming it, at once (Ray alone retries for a minute or more). A
+    ray:// address (Ray Client) without Ray Client's dependency says so first."""
+    import importlib.util
+
     pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'naturelm-edge[ray]'); not installed")
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"{scheme}127.0.0.1:{_free_port()}"
+    problem = "needs pip install 'ray[client]'" if scheme and importlib.util.find_spec("grpc") is None \
+        else "cannot reach"
     t0 = time.monotonic()
     r = _infer(tiny_full_bundle, "--prompt", "Is there a bird? Answer Yes or No.", "--out-dir", tmp_path / "out",
                "--ray-address", address, tree, check=False)
     elapsed = time.monotonic() - t0
     assert r.returncode == 2, r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("naturelm-edge: error:")]
-    assert len(errors) == 1 and f"--ray-address {address}: cannot reach" in errors[0], r.stderr
+    assert len(errors) == 1 and f"--ray-address {address}: " in errors[0] and problem in errors[0], r.stderr
     assert "Traceback" not in r.stderr
     assert elapsed < 30, elapsed  # the CLI's own start-up, no waiting on Ray
