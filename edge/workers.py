@@ -102,6 +102,10 @@ def process_file(pipeline, task: FileTask, batch: int = 1, with_embeddings: bool
     except NatureLMEdgeError as e:
         yield ("end", worker, task.path, _one_line(e))
         return
+    except Exception as e:  # an error nobody foresaw fails this file, loudly, not the worker silently
+        logger.exception("%s: unexpected error", task.source)
+        yield ("end", worker, task.path, f"unexpected error: {_one_line(e)}")
+        return
     yield ("end", worker, task.path, None)
 
 
@@ -194,6 +198,12 @@ class ProcessBackend:
             kind, i = msg[0], msg[1]
             if kind == "exit":
                 alive.discard(i)
+                lost = current.pop(i, None)
+                if lost:  # it stopped in the middle of a file without saying how that file ended
+                    logger.error("worker %d stopped while running %s: its file is left unfinished in the ledger "
+                                 "(--resume runs it again)", i, lost)
+                    ended.add(lost)
+                    yield ("lost", i, lost)
                 continue
             if kind == "start":
                 current[i] = msg[2]

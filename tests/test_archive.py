@@ -591,3 +591,26 @@ def test_a_wrong_ray_address_is_one_line_and_quick(tiny_full_bundle, tree, tmp_p
     assert len(errors) == 1 and f"--ray-address {address}: " in errors[0] and problem in errors[0], r.stderr
     assert "Traceback" not in r.stderr
     assert elapsed < 30, elapsed  # the CLI's own start-up, no waiting on Ray
+
+
+def test_an_unforeseen_error_fails_its_file_loudly_in_any_worker(tiny_full_bundle, tmp_path):
+    """An error no code path expected (here: a window length of 0 reaching the reader, a ValueError) ends its file
+    with that error, in the process and in a worker process alike: the file counts as failed, the next file runs,
+    and nothing is left neither done nor failed."""
+    from edge.prompts import parse_prompts
+    from edge.workers import FileTask, InlineBackend, PipelineArgs, ProcessBackend
+
+    good = _write(tmp_path / "good.wav", 12.0, seed=5)
+    tasks = [FileTask(str(good), "bad.wav", 0.0, 5.0), FileTask(str(good), "good.wav", 10.0, 5.0)]
+    args = PipelineArgs(bundle=str(tiny_full_bundle), prompts=tuple(parse_prompts(
+        [{"id": "bird", "kind": "yes_no", "text": "Is there a bird?"}], "t")), device_id="t", verify="size")
+    for backend in (InlineBackend(args), ProcessBackend(args, 1)):
+        try:
+            msgs = list(backend.run(tasks))
+        finally:
+            backend.close()
+        ends = [m for m in msgs if m[0] == "end"]
+        assert len(ends) == 2 and not [m for m in msgs if m[0] == "lost"], msgs
+        assert ends[0][3].startswith("unexpected error: ValueError: window and hop must be positive"), ends[0]
+        assert ends[1][3] is None
+        assert sum(m[0] == "window" for m in msgs) == 2  # the good file's windows
