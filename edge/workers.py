@@ -103,7 +103,9 @@ def process_file(pipeline, task: FileTask, batch: int = 1, with_embeddings: bool
         yield ("end", worker, task.path, _one_line(e))
         return
     except Exception as e:  # an error nobody foresaw fails this file, loudly, not the worker silently
-        logger.exception("%s: unexpected error", task.source)
+        logger.error("%s: unexpected error, the file is marked failed (-v shows the traceback): %s", task.source,
+                     _one_line(e))
+        logger.debug("%s: traceback", task.source, exc_info=True)
         yield ("end", worker, task.path, f"unexpected error: {_one_line(e)}")
         return
     yield ("end", worker, task.path, None)
