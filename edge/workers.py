@@ -136,28 +136,35 @@ class InlineBackend:
 # --- local processes -----------------------------------------------------------------------------------------------
 
 
-def _process_main(worker: int, args: PipelineArgs, tasks, results) -> None:
+def _process_main(worker: int, args: PipelineArgs, conn) -> None:
+    """A worker process: open the model, then ask the parent for a file, run it, ask again, until it sends None. Its
+    own pipe to the parent, no queue shared with other workers: a worker killed while writing (the OOM killer, a
+    SIGKILL) cannot leave a lock held that the others would wait on for ever."""
     logging.basicConfig(level=logging.WARNING, format=f"naturelm-edge worker {worker}: %(message)s")
     try:
         pipeline = args.open()
     except Exception as e:  # noqa: BLE001 (reported to the parent, which stops the run with it)
-        results.put(("fatal", worker, _one_line(e)))
+        conn.send(("fatal", worker, _one_line(e)))
         return
     try:
         while True:
-            task = tasks.get()
+            conn.send(("ready", worker))
+            task = conn.recv()
             if task is None:
                 break
             for msg in process_file(pipeline, task, args.batch, args.with_embeddings, worker):
-                results.put(msg)
+                conn.send(msg)
+    except (EOFError, BrokenPipeError):  # the parent is gone: nothing to report to
+        pass
     finally:
         pipeline.close()
-        results.put(("exit", worker))
 
 
 class ProcessBackend:
     """N processes (spawned: llama.cpp and onnxruntime hold threads that fork would copy half-alive), each with
-    cores // N threads for onnxruntime and llama.cpp, taking files from one queue as they become free."""
+    cores // N threads for onnxruntime and llama.cpp. The parent hands each worker its next file when it asks, over
+    that worker's own pipe, and watches the pipes and the processes together: a worker that dies has its file (the
+    one it was given) reported lost, whatever it was doing at the time."""
 
     def __init__(self, args: PipelineArgs, workers: int):
         import multiprocessing as mp
@@ -166,62 +173,75 @@ class ProcessBackend:
         self.args = args
         self.workers = workers
         self.procs: list = []
+        self.conns: list = []
 
     def run(self, tasks):
-        tasks = list(tasks)
-        tq, rq = self.ctx.Queue(), self.ctx.Queue()
-        for t in tasks:
-            tq.put(t)
-        for _ in range(self.workers):
-            tq.put(None)
-        self.procs = [self.ctx.Process(target=_process_main, args=(i, self.args, tq, rq), daemon=True,
-                                       name=f"naturelm-edge-worker-{i}") for i in range(self.workers)]
-        for p in self.procs:
+        from collections import deque
+        from multiprocessing.connection import wait
+
+        todo = deque(tasks)
+        for i in range(self.workers):
+            parent, child = self.ctx.Pipe(duplex=True)
+            p = self.ctx.Process(target=_process_main, args=(i, self.args, child), daemon=True,
+                                 name=f"naturelm-edge-worker-{i}")
             p.start()
+            child.close()
+            self.procs.append(p)
+            self.conns.append(parent)
+        given: dict[int, str] = {}  # worker -> the file it was handed and has not ended
         alive = set(range(self.workers))
-        current: dict[int, str] = {}
-        ended: set[str] = set()
+
+        def gone(i: int):
+            alive.discard(i)
+            p = self.procs[i]
+            p.join(timeout=5)
+            lost = given.pop(i, None)
+            if lost is not None or p.exitcode not in (0, None):
+                logger.error("worker %d (pid %s) exited with code %s%s", i, p.pid, p.exitcode,
+                             f" while running {lost}: its file is left unfinished in the ledger "
+                             "(--resume runs it again)" if lost else "")
+            if lost is not None:
+                yield ("lost", i, lost)
+
         while alive:
-            try:
-                msg = rq.get(timeout=1.0)
-            except queue.Empty:
-                for i in list(alive):
-                    p = self.procs[i]
-                    if not p.is_alive():
-                        alive.discard(i)
-                        lost = current.pop(i, None)
-                        logger.error("worker %d (pid %s) exited with code %s%s", i, p.pid, p.exitcode,
-                                     f" while running {lost}: its file is left unfinished in the ledger "
-                                     "(--resume runs it again)" if lost else "")
-                        if lost:
-                            ended.add(lost)
-                            yield ("lost", i, lost)
-                continue
-            kind, i = msg[0], msg[1]
-            if kind == "exit":
-                alive.discard(i)
-                lost = current.pop(i, None)
-                if lost:  # it stopped in the middle of a file without saying how that file ended
-                    logger.error("worker %d stopped while running %s: its file is left unfinished in the ledger "
-                                 "(--resume runs it again)", i, lost)
-                    ended.add(lost)
-                    yield ("lost", i, lost)
-                continue
-            if kind == "start":
-                current[i] = msg[2]
-            elif kind == "end":
-                current.pop(i, None)
-                ended.add(msg[2])
-            elif kind == "lost":
-                ended.add(msg[2])
-            yield msg
-        # A worker that died between taking a file from the queue and saying so: that file was never run.
-        for t in tasks:
-            if t.path not in ended and t.path not in current.values():
-                logger.error("%s was never run (its worker was lost): --resume runs it", t.source)
-                yield ("lost", -1, t.path)
+            by_conn = {self.conns[i]: i for i in alive}
+            by_proc = {self.procs[i].sentinel: i for i in alive}
+            for ready in wait(list(by_conn) + list(by_proc)):
+                i = by_conn.get(ready, by_proc.get(ready))
+                if i not in alive:
+                    continue
+                conn = self.conns[i]
+                try:
+                    while conn.poll():  # everything it said before it ended, then its end
+                        msg = conn.recv()
+                        kind = msg[0]
+                        if kind == "ready":
+                            task = todo.popleft() if todo else None
+                            if task is not None:
+                                given[i] = task.path  # before sending: if the send fails, the file is lost, not dropped
+                            conn.send(task)
+                            continue
+                        if kind == "end":
+                            given.pop(i, None)
+                        yield msg
+                        if kind == "fatal":
+                            return
+                except (EOFError, OSError):  # its end of the pipe closed: it exited
+                    yield from gone(i)
+                    continue
+                if ready in by_proc:
+                    yield from gone(i)
+        # Files no worker was left to take (every worker lost): never run.
+        for t in todo:
+            logger.error("%s was never run (no worker was left): --resume runs it", t.source)
+            yield ("lost", -1, t.path)
 
     def close(self):
+        for c in self.conns:
+            try:
+                c.close()
+            except OSError:
+                pass
         for p in self.procs:
             p.join(timeout=10)
             if p.is_alive():
