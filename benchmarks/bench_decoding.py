@@ -1,7 +1,8 @@
 """Decoding on this machine, on the production-shaped `small` preset (Llama-3.2-1B-shaped backbone, the real Llama 3
 vocabulary; random weights), Q4_K_M:
 
-- batched windows (EngineOptions.max_batch = B, LlmEngine.answer_windows) at B = --batches: windows/s for yes/no
+- batched windows (EngineOptions.max_batch = B, LlmEngine.answer_windows; shared batches unless --exact) at
+  B = --batches: windows/s for yes/no
   only, for yes/no + a caption of up to --max-new-tokens tokens decoded greedily, and with 2 beams; decode tokens/s
   (token rows decoded per second of generation, summed over the windows) against B. B = 1 is the one-window path;
 - from its rows, beam search with 2 beams (upstream's decoding, the default for open and caption prompts) against
@@ -65,7 +66,7 @@ def build(work: Path) -> Path:
     return bundle
 
 
-def run(bundle_dir: Path, threads: int, windows: int, max_new: int, batches: list[int]) -> dict:
+def run(bundle_dir: Path, threads: int, windows: int, max_new: int, batches: list[int], exact: bool = False) -> dict:
     from edge.bundle import load_bundle
     from edge.llm import EngineOptions, LlmEngine, Prompt
 
@@ -76,11 +77,12 @@ def run(bundle_dir: Path, threads: int, windows: int, max_new: int, batches: lis
     yes_no = Prompt(id="crow", kind="yes_no", question=YES_NO)
     greedy = Prompt(id="caption", kind="caption", question=CAPTION, max_new_tokens=max_new, num_beams=1)
     beam = Prompt(id="caption", kind="caption", question=CAPTION, max_new_tokens=max_new, num_beams=2)
-    out: dict = {"windows": windows, "max_new_tokens": max_new, "batched": {}}
+    out: dict = {"windows": windows, "max_new_tokens": max_new, "batches": "exact" if exact else "shared",
+                 "batched": {}}
     n_ctx = 256  # per window: prefix ~45 + question ~20 + 2 beams x max_new tokens
 
     def options(b: int) -> EngineOptions:
-        return EngineOptions(model_type="Q4_K_M", n_threads=threads, n_ctx=n_ctx, max_batch=b)
+        return EngineOptions(model_type="Q4_K_M", n_threads=threads, n_ctx=n_ctx, max_batch=b, exact_batches=exact)
 
     # Batched windows; B = 1 is the one-window path, and its rows give beam 2 against greedy.
     for b in batches:
@@ -127,6 +129,9 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--batches", default="1,2,4,8", help="B values, run in this order (reverse it to see drift)")
+    ap.add_argument("--exact", action="store_true",
+                    help="exact batches (each window in llama.cpp calls of its own: the one-window answers, no "
+                         "speed-up); default: shared batches, what batching buys")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     import llama_cpp
@@ -135,7 +140,7 @@ def main() -> None:
     load0 = os.getloadavg()
     t0 = time.time()
     results = run(bundle, args.threads, args.windows, args.max_new_tokens,
-                  [int(b) for b in args.batches.split(",")])
+                  [int(b) for b in args.batches.split(",")], exact=args.exact)
     report = {
         "benchmark": "decoding",
         "preset": "small (Llama-3.2-1B-shaped, random weights), Q4_K_M",
