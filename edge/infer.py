@@ -477,9 +477,10 @@ def register(sub) -> None:
                         + " ".join(AUDIO_PATTERNS) + ")")
     p.add_argument("--exclude", action="append", metavar="GLOB", help="in folders, leave out matches (repeatable)")
     p.add_argument("--batch", type=int, default=1, metavar="B",
-                   help="windows per model call: B windows through the audio encoder at once and through the LLM "
-                        "together (its KV cache holds B windows). Bit for bit the answers of B=1: each window's "
-                        "LLM rows still go through llama.cpp in calls of their own (README: A season of recordings)")
+                   help="windows taken together: the LLM holds B windows in one context (its KV cache). Each "
+                        "window still goes through the audio encoder and llama.cpp in calls of its own, so the "
+                        "answers are bit for bit those of B=1, and no faster: see --shared-batches (README: A season "
+                        "of recordings)")
     p.add_argument("--shared-batches", action="store_true",
                    help="with --batch: the B windows share llama.cpp calls, which decodes long answers (captions) "
                         "faster; scores then move in the last digits and a near-tie between two tokens can flip, so "
