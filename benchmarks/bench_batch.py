@@ -31,14 +31,13 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_pipeline import QTYPE, WindowClock, machine, prepare, usable_cpus
+from bench_pipeline import QTYPE, WindowClock, machine, prepare, save_report, usable_cpus
 
 RESULTS = REPO / "benchmarks" / "results" / "batch.json"
 YES_NO = "Is there a Song Sparrow in the audio? Answer Yes or No."
@@ -176,10 +175,7 @@ def main(argv=None) -> int:
         "caption_decode_by_batch": decode,
         "bench_seconds": round(time.perf_counter() - t0, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkstemp(dir=args.out.parent, suffix=".tmp")[1])
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(args.out)
+    save_report(args.out, report)
     for wl, r in results.items():
         print(f"\n{wl}")
         print(f"{'run':16} {'windows/s':>10} {'x one-window':>13} {'identical':>10} {'max |dscore|':>13} "

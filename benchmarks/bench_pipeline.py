@@ -277,6 +277,14 @@ def _bundle_complete(work: Path) -> dict | None:
     return json.loads(record.read_text())
 
 
+def save_report(path: Path, report: dict) -> None:
+    """Write a benchmark's JSON whole or not at all (a temporary file in the same folder, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkstemp(dir=path.parent, suffix=".tmp")[1])
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def prepare(work: Path) -> dict:
     """Write the small preset and build its bundle with `naturelm-edge build` (exactly cmd_build) in a child process,
     unless a complete one is already in `work`."""
@@ -523,10 +531,7 @@ def main(argv=None) -> int:
         "aims": aims,
         "bench_seconds": round(time.perf_counter() - t_start, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkstemp(dir=args.out.parent, suffix=".tmp")[1])
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(args.out)
+    save_report(args.out, report)
     _print(report)
     print(f"\nsaved {args.out}")
     return 0

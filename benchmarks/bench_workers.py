@@ -31,7 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_pipeline import machine, prepare, usable_cpus
+from bench_pipeline import machine, prepare, save_report, usable_cpus
 
 RESULTS = REPO / "benchmarks" / "results" / "workers.json"
 CONFIGS = {"one_process": [], "processes_2": ["--workers", "2"], "ray_2": ["--ray", "--workers", "2"]}
@@ -159,10 +159,7 @@ def main(argv=None) -> int:
     import ray
 
     report["machine"]["ray"] = ray.__version__
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    t = Path(tempfile.mkstemp(dir=args.out.parent, suffix=".tmp")[1])
-    t.write_text(json.dumps(report, indent=2) + "\n")
-    t.replace(args.out)
+    save_report(args.out, report)
     print(f"{'config':12} {'wall s':>8} {'windows/s':>10} {'x one':>7} {'tree peak MB':>13} {'same answers':>13}")
     for name, r in results.items():
         print(f"{name:12} {r['wall_seconds']:8.1f} {r['windows_per_s']:10.3f} "

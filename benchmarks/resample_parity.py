@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.cpu import cpu_info
+from edge.fbank import mel_edges, mel_scale
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "resample_parity.json"
@@ -64,14 +64,7 @@ def _signals(rate: int) -> dict[str, np.ndarray]:
 
 def _high_bins(spec) -> int:
     """Index of the first mel bin whose left edge is above HIGH_HZ."""
-    def mel(hz: float) -> float:
-        return 1127.0 * math.log1p(hz / 700.0)
-    nyq = spec.sample_rate / 2
-    high = spec.high_freq if spec.high_freq > 0 else nyq + spec.high_freq
-    lo, hi = mel(spec.low_freq), mel(high)
-    delta = (hi - lo) / (spec.num_mel_bins + 1)
-    left = lo + delta * np.arange(spec.num_mel_bins)
-    return int(np.argmax(left >= mel(HIGH_HZ)))
+    return int(np.argmax(mel_edges(spec)[:-2] >= mel_scale(HIGH_HZ)))
 
 
 def main(argv=None) -> int:

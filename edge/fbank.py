@@ -58,21 +58,27 @@ def _window(spec: FbankSpec) -> np.ndarray:
     raise ValueError(f"window type {spec.window_type!r} is not supported")
 
 
-def _mel_scale(hz):
+def mel_scale(hz):
+    """Kaldi's mel scale (natural log, 1127 x ln(1 + f / 700)), float64."""
     return 1127.0 * np.log1p(np.asarray(hz, dtype=np.float64) / 700.0)
 
 
-def _mel_matrix(spec: FbankSpec, n_fft: int) -> np.ndarray:
+def mel_edges(spec: FbankSpec) -> np.ndarray:
+    """The num_mel_bins + 2 edges of the triangular filters, equally spaced in mel from low_freq to the high edge
+    (high_freq, or Nyquist plus a non-positive high_freq): filter b spans edges b .. b + 2, peaking at b + 1."""
     nyquist = 0.5 * spec.sample_rate
     high = spec.high_freq if spec.high_freq > 0.0 else nyquist + spec.high_freq
     if not 0.0 <= spec.low_freq < high <= nyquist:
         raise ValueError(f"mel range [{spec.low_freq}, {high}] Hz does not fit in [0, {nyquist}] Hz")
-    mel_low, mel_high = _mel_scale(spec.low_freq), _mel_scale(high)
-    # Edges of num_bins + 2 points equally spaced in mel; triangle b spans edges b .. b + 2.
-    edges = mel_low + (mel_high - mel_low) / (spec.num_mel_bins + 1) * np.arange(spec.num_mel_bins + 2)
+    mel_low, mel_high = mel_scale(spec.low_freq), mel_scale(high)
+    return mel_low + (mel_high - mel_low) / (spec.num_mel_bins + 1) * np.arange(spec.num_mel_bins + 2)
+
+
+def _mel_matrix(spec: FbankSpec, n_fft: int) -> np.ndarray:
+    edges = mel_edges(spec)
     left, centre, right = edges[:-2, None], edges[1:-1, None], edges[2:, None]
     # Kaldi leaves the Nyquist bin out of every filter.
-    fft_mel = _mel_scale(np.arange(n_fft // 2 + 1) * (spec.sample_rate / n_fft))[None, :]
+    fft_mel = mel_scale(np.arange(n_fft // 2 + 1) * (spec.sample_rate / n_fft))[None, :]
     weights = np.maximum(0.0, np.minimum((fft_mel - left) / (centre - left), (right - fft_mel) / (right - centre)))
     weights[:, -1] = 0.0
     return weights

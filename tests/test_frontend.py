@@ -11,7 +11,6 @@ headroom).
 from __future__ import annotations
 
 import logging
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import soxr
 import torch
 
 from edge.errors import AudioError
-from edge.fbank import fbank_features
+from edge.fbank import fbank_features, mel_edges, mel_scale
 from edge.frontend import AudioFrontEnd
 from edge.spec import CLIP_SAMPLES, CLIP_SECONDS, FBANK, FbankSpec
 from export.fbank import kaldi_fbank, normalize_fbank, reference_waveform
@@ -45,15 +44,8 @@ TOPBAND_MEAN, TOPBAND_MAX = 0.12, 0.65
 
 
 def _passband_bins(spec: FbankSpec) -> int:
-    def mel(hz: float) -> float:
-        return 1127.0 * math.log1p(hz / 700.0)
-
-    nyquist = spec.sample_rate / 2
-    high = spec.high_freq if spec.high_freq > 0 else nyquist + spec.high_freq
-    lo, hi = mel(spec.low_freq), mel(high)
-    delta = (hi - lo) / (spec.num_mel_bins + 1)
-    right_edges = lo + delta * (np.arange(spec.num_mel_bins) + 2)
-    return int(np.count_nonzero(right_edges <= mel(PASSBAND_SHARE * nyquist)))
+    right_edges = mel_edges(spec)[2:]
+    return int(np.count_nonzero(right_edges <= mel_scale(PASSBAND_SHARE * spec.sample_rate / 2)))
 
 
 @pytest.fixture(scope="module")
