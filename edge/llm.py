@@ -473,6 +473,7 @@ class LlmEngine:
         self._suffix_cache: dict[str, list[int]] = {}
         self._label_cache: dict[str, list[int]] = {}
         self._digits: np.ndarray | None = None
+        self._fits: set[Prompt] = set()  # prompts check_prompts let through
 
         self.max_batch = int(opts.max_batch)
         self.exact = bool(opts.exact_batches)
@@ -562,6 +563,8 @@ class LlmEngine:
         window, or, when its context was sized to other prompts, a longer one (a new engine is needed: restart).
         With the manifest's full n_ctx, an answer too long for it is cut there, as always."""
         for prompt in prompts:
+            if prompt in self._fits:
+                continue
             if prompt.decoding == "beam" and prompt.beams > self.max_beams:
                 raise ConfigError(f"prompt {prompt.id!r} asks for {prompt.beams} beams but the LLM was opened with "
                                   f"{self.max_beams} per window: restart to open it for these prompts")
@@ -570,6 +573,7 @@ class LlmEngine:
                 if need > self.n_ctx:
                     raise ConfigError(f"prompt {prompt.id!r} needs {need} positions but the LLM was opened with "
                                       f"{self.n_ctx} for its first prompts: restart to open it for these prompts")
+            self._fits.add(prompt)  # checked once, not again for every window that asks it
 
     @property
     def offload_text(self) -> str:
