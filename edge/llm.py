@@ -86,6 +86,10 @@ MAX_BEAMS = 8
 DEFAULT_BEAMS = 2
 #: llama.cpp rounds each sequence's KV cells up to this (its KV padding; the graph keeps its shape across steps).
 KV_CELL_ROUND = 256
+
+
+def _round_cells(n: int) -> int:
+    return -(-n // KV_CELL_ROUND) * KV_CELL_ROUND
 #: llama.cpp's LLAMA_MAX_SEQ (src/llama-cparams.h).
 LLAMA_MAX_SEQ = 256
 KV_CACHE_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type
@@ -485,7 +489,7 @@ class LlmEngine:
         self._n_batch = min(self.n_ctx * self.max_batch, 8192)
         threads = int(opts.n_threads or _usable_cpus())
         cp = lib.llama_context_default_params()
-        cells = -(-self.n_ctx // KV_CELL_ROUND) * KV_CELL_ROUND
+        cells = _round_cells(self.n_ctx)
         cp.n_ctx = cells * n_seq
         cp.n_batch = self._n_batch
         cp.n_ubatch = min(512, self._n_batch)
@@ -545,7 +549,7 @@ class LlmEngine:
             return int(opts.n_ctx)
         if opts.prompts and audio_rows:
             need = max(self.cells_needed(p, int(audio_rows)) for p in opts.prompts)
-            return min(manifest_n_ctx, -(-need // KV_CELL_ROUND) * KV_CELL_ROUND)
+            return min(manifest_n_ctx, _round_cells(need))
         return manifest_n_ctx
 
     def cells_needed(self, prompt: Prompt, audio_rows: int) -> int:
